@@ -1,6 +1,8 @@
 """The consensus kernel: a deterministic Raft state machine with no I/O, clock or randomness
 of its own. See docs/kernel.md for the contract."""
 
+from bwcore.kernel.raft import KernelConfig
+from bwcore.kernel.rawnode import RawNode, Ready
 from bwcore.kernel.types import (
     ConfChange,
     ConfChangeType,
@@ -20,6 +22,7 @@ from bwcore.kernel.types import (
 )
 
 __all__ = [
+    "KernelConfig", "RawNode", "Ready",
     "ConfChange", "ConfChangeType", "ConfState", "Entry", "EntryType", "HardState", "Message",
     "MessageType", "ProposalDropped", "ReadState", "RESPONSES_AFTER_PERSIST", "Snapshot",
     "SnapshotMeta", "SoftState", "StateRole",

@@ -1,0 +1,265 @@
+"""The driver-facing kernel: feed it inputs, take a :class:`Ready`, act on it, ``advance``.
+
+The persistence rule (Raft §5, Figure 2, "respond to RPCs only after updating stable
+storage"): a Ready's ``persisted_messages`` may leave only once its ``hard_state``,
+``snapshot`` and ``entries`` are durable. ``messages`` may leave at once — a leader may send
+appends while it persists the same entries (dissertation §10.2.1).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from bwcore.kernel.raft import KernelConfig, Raft
+from bwcore.kernel.types import (
+    RESPONSES_AFTER_PERSIST,
+    ConfChange,
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    Message,
+    ReadState,
+    Snapshot,
+    SnapshotMeta,
+    SoftState,
+    StateRole,
+)
+
+
+class PersistedStateLike(Protocol):
+    hard_state: HardState
+    snapshot: Snapshot | None
+    entries: Sequence[Entry]
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyState:
+    hard_state: HardState = HardState()
+    snapshot: Snapshot | None = None
+    entries: Sequence[Entry] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """What the driver must do, in order: persist, send, install, apply, then ``advance``.
+
+    Attributes:
+        soft_state: the leader or role changed (None if not).
+        hard_state: term/vote/commit to persist (None if unchanged).
+        snapshot: a leader's snapshot to persist (storage then holds no older entries) and
+            install into the state machine before applying ``committed_entries``.
+        entries: to append durably, replacing stored entries from ``entries[0].index`` on.
+        messages: may be sent at once.
+        persisted_messages: may be sent only after the above is durable.
+        committed_entries: to apply in order, after persisting. Configuration-change entries
+            are already reflected in the kernel's configuration; the driver only skips them.
+        read_states: linearizable reads to serve once applied >= index.
+    """
+
+    soft_state: SoftState | None
+    hard_state: HardState | None
+    snapshot: Snapshot | None
+    entries: tuple[Entry, ...]
+    messages: tuple[Message, ...]
+    persisted_messages: tuple[Message, ...]
+    committed_entries: tuple[Entry, ...]
+    read_states: tuple[ReadState, ...]
+
+    def must_persist(self) -> bool:
+        return self.hard_state is not None or self.snapshot is not None or bool(self.entries)
+
+
+class RawNode:
+    """One node's kernel. Not thread-safe: drive it from one thread (the reactor)."""
+
+    def __init__(self, cfg: KernelConfig, rng: random.Random,
+                 state: PersistedStateLike | None = None,
+                 bootstrap: ConfState = ConfState()) -> None:
+        state = state or EmptyState()
+        self._raft = Raft(cfg, rng, state.hard_state, state.snapshot, list(state.entries),
+                          bootstrap)
+        r = self._raft
+        # What the driver already has: a bootstrapped node has persisted nothing yet.
+        self._prev_hard = HardState() if r._bootstrapped else r.hard_state()
+        self._prev_soft = SoftState(None, StateRole.FOLLOWER)
+        self._outstanding: Ready | None = None
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        self._raft.tick()
+
+    def step(self, m: Message) -> None:
+        """Feed a message from the network. Never raises for stale or misdirected input."""
+        if m.to != self._raft.id:
+            return
+        self._raft.step(m)
+
+    def campaign(self) -> None:
+        """Start an election now (tests and forced elections); ignored on non-voters."""
+        if self._raft.promotable() and self._raft.role is not StateRole.LEADER:
+            self._raft.campaign(pre_vote=self._raft.cfg.pre_vote)
+
+    def propose(self, data: bytes) -> int:
+        return self._raft.propose([data])
+
+    def propose_many(self, datas: Sequence[bytes]) -> int:
+        return self._raft.propose(list(datas))
+
+    def propose_conf_change(self, cc: ConfChange) -> int:
+        return self._raft.propose_conf_change(cc)
+
+    def read_index(self, ctx: bytes) -> None:
+        self._raft.read_index(ctx)
+
+    def transfer_leader(self, to: str) -> None:
+        self._raft.transfer_leader(to)
+
+    def add_helper(self, node: str) -> None:
+        self._raft.add_helper(node)
+
+    def remove_helper(self, node: str) -> None:
+        self._raft.remove_helper(node)
+
+    def report_unreachable(self, node: str) -> None:
+        self._raft.report_unreachable(node)
+
+    def report_snapshot_failed(self, node: str) -> None:
+        self._raft.report_snapshot_failed(node)
+
+    def create_snapshot(self, index: int, data: bytes) -> Snapshot:
+        """A snapshot of the state machine at applied ``index``, with the term and the
+        configuration as of that index. Changes nothing: persist it, then :meth:`compact`."""
+        log = self._raft.log
+        if not log.offset < index <= log.applied:
+            raise ValueError(f"snapshot index {index} not in ({log.offset}, {log.applied}]")
+        conf = log.snapshot.meta.conf
+        for e in log.entries[: index - log.offset]:
+            if e.type is EntryType.CONF_CHANGE:
+                conf = ConfChange.decode(e.data).apply(conf)
+        return Snapshot(SnapshotMeta(index, log.term(index) or 0, conf), data)
+
+    def compact(self, snapshot: Snapshot) -> None:
+        """The driver persisted ``snapshot`` (at or below applied); drop the log before it."""
+        self._raft.log.compact(snapshot)
+
+    # -- outputs -------------------------------------------------------------------------
+
+    def has_ready(self) -> bool:
+        r = self._raft
+        log = r.log
+        return bool(
+            r.msgs or r.read_states
+            or log.stable < log.last_index() or log.pending_snapshot is not None
+            or log.has_next_committed()
+            or r.hard_state() != self._prev_hard
+            or self._soft() != self._prev_soft
+        )
+
+    def ready(self) -> Ready:
+        if self._outstanding is not None:
+            raise RuntimeError("advance() the previous Ready first")
+        r = self._raft
+        soft, hard = self._soft(), r.hard_state()
+        now: list[Message] = []
+        later: list[Message] = []
+        for m in r.msgs:
+            (later if m.type in RESPONSES_AFTER_PERSIST else now).append(m)
+        rd = Ready(
+            soft_state=soft if soft != self._prev_soft else None,
+            hard_state=hard if hard != self._prev_hard else None,
+            snapshot=r.log.pending_snapshot,
+            entries=r.log.unstable_entries(),
+            messages=tuple(now),
+            persisted_messages=tuple(later),
+            committed_entries=r.log.next_committed(r.cfg.max_apply_entries),
+            read_states=tuple(r.read_states),
+        )
+        r.msgs = []
+        r.read_states = []
+        self._prev_soft, self._prev_hard = soft, hard
+        self._outstanding = rd
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        if rd is not self._outstanding:
+            raise RuntimeError("advance() takes the Ready returned by the last ready()")
+        self._outstanding = None
+        log = self._raft.log
+        if rd.snapshot is not None:
+            log.snapshot_installed(rd.snapshot)
+        if rd.entries:
+            last = rd.entries[-1]
+            log.stable_to(last.index, last.term)
+            self._raft.self_persisted()
+        if rd.committed_entries:
+            log.applied_to(rd.committed_entries[-1].index)
+
+    def _soft(self) -> SoftState:
+        return SoftState(self._raft.leader, self._raft.role)
+
+    # -- what the driver may look at -------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return self._raft.id
+
+    @property
+    def term(self) -> int:
+        return self._raft.term
+
+    @property
+    def leader(self) -> str | None:
+        return self._raft.leader
+
+    @property
+    def role(self) -> StateRole:
+        return self._raft.role
+
+    @property
+    def commit_index(self) -> int:
+        return self._raft.log.committed
+
+    @property
+    def applied_index(self) -> int:
+        return self._raft.log.applied
+
+    @property
+    def last_index(self) -> int:
+        return self._raft.log.last_index()
+
+    @property
+    def first_index(self) -> int:
+        return self._raft.log.first_index()
+
+    @property
+    def conf(self) -> ConfState:
+        return self._raft.conf
+
+    @property
+    def helpers(self) -> frozenset[str]:
+        return frozenset(self._raft.helpers)
+
+    def term_at(self, index: int) -> int | None:
+        return self._raft.log.term(index)
+
+    def status(self) -> dict[str, Any]:
+        r = self._raft
+        out: dict[str, Any] = {
+            "id": r.id, "term": r.term, "role": r.role.value, "leader": r.leader,
+            "commit_index": r.log.committed, "applied_index": r.log.applied,
+            "first_index": r.log.first_index(), "last_index": r.log.last_index(),
+            "voters": sorted(r.conf.voters), "learners": sorted(r.conf.learners),
+        }
+        if r.role is StateRole.LEADER:
+            out["progress"] = {
+                p: {"match": pr.match, "next": pr.next, "state": pr.state.value,
+                    "active": pr.recent_active}
+                for p, pr in sorted(r.prs.items()) if p != r.id
+            }
+            out["lead_transferee"] = r.lead_transferee
+        return out
