@@ -15,7 +15,7 @@ class ProgressState(enum.Enum):
 
 class Progress:
     __slots__ = ("match", "next", "state", "probe_sent", "pending_snapshot", "recent_active",
-                 "inflights", "max_inflight")
+                 "inflights", "max_inflight", "snapshot_waits")
 
     def __init__(self, next_index: int, max_inflight: int) -> None:
         self.match = 0
@@ -26,6 +26,8 @@ class Progress:
         self.recent_active = True
         self.inflights: deque[int] = deque()
         self.max_inflight = max_inflight
+        #: Heartbeat answers received while a snapshot is unacknowledged (see Raft._step_leader).
+        self.snapshot_waits = 0
 
     def become_probe(self) -> None:
         # After a snapshot the follower is at least at the snapshot's index.
@@ -47,6 +49,7 @@ class Progress:
     def become_snapshot(self, index: int) -> None:
         self.state = ProgressState.SNAPSHOT
         self.pending_snapshot = index
+        self.snapshot_waits = 0
         self.inflights.clear()
 
     def is_paused(self) -> bool:

@@ -152,8 +152,9 @@ class Raft:
         self.pending_reads.clear()
         self.prs = {}
 
-    def _replication_targets(self) -> set[str]:
-        return (set(self.conf.members()) | self.helpers) - {self.id}
+    def _replication_targets(self) -> list[str]:
+        # Sorted: the kernel's output must not depend on string hashing (PYTHONHASHSEED).
+        return sorted((self.conf.members() | self.helpers) - {self.id})
 
     # -- transitions ---------------------------------------------------------------------
 
@@ -390,6 +391,13 @@ class Raft:
         elif t is MT.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.probe_sent = False
+            if pr.state is ProgressState.SNAPSHOT:
+                # The follower is alive but has not acknowledged the snapshot for an election
+                # timeout's worth of heartbeats: it was lost (the driver may also report it).
+                pr.snapshot_waits += 1
+                if pr.snapshot_waits >= self.cfg.election_tick:
+                    pr.pending_snapshot = 0
+                    pr.become_probe()
             if pr.state is ProgressState.REPLICATE and pr.is_paused():
                 pr.free_first()
             if pr.match < self.log.last_index():
@@ -421,14 +429,16 @@ class Raft:
             self.bcast_append()
         elif was_paused:
             self.send_append(m.frm)
+        if self.role is not StateRole.LEADER or m.frm not in self.prs:
+            return  # the commit applied a configuration change that removed them, or us
         while self.send_append(m.frm, send_empty=False):
             pass
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
             self.send(Message(MT.TIMEOUT_NOW, m.frm, self.id, self.term))
 
     def send_append(self, to: str, send_empty: bool = True) -> bool:
-        pr = self.prs[to]
-        if pr.is_paused():
+        pr = self.prs.get(to)
+        if pr is None or pr.is_paused():
             return False
         prev = pr.next - 1
         prev_term = self.log.term(prev)
