@@ -1,0 +1,832 @@
+"""The Raft driver: kernel <-> storage <-> transport <-> state machine, as a Twisted service.
+
+:class:`RaftNode` owns one :class:`~bwcore.kernel.RawNode` and runs its Ready loop on the
+reactor thread. For each Ready it sends ``messages``, persists hard state, snapshot and entries
+in ONE storage transaction on a dedicated writer thread, and only then sends
+``persisted_messages`` (Raft §5, Figure 2: "respond to RPCs only after updating stable
+storage"), installs the snapshot, applies committed entries and serves read states. While a
+save is in flight, proposals and messages accumulate in the kernel and go into the next Ready:
+one fsync covers the whole batch (group commit).
+
+It is also the facade the HTTP API calls: :meth:`RaftNode.propose`,
+:meth:`RaftNode.read_barrier`, :meth:`RaftNode.status`, :meth:`RaftNode.leader_api`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from prometheus_client import CollectorRegistry
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from bwcore.config import NodeConfig, parse_address
+from bwcore.errors import ConfigError, NotLeader, Unavailable
+from bwcore.kernel import (
+    ConfState,
+    Entry,
+    EntryType,
+    KernelConfig,
+    Message,
+    MessageType,
+    ProposalDropped,
+    RawNode,
+    Ready,
+    ReadState,
+    Snapshot,
+    SoftState,
+    StateRole,
+)
+from bwcore.logs import get_logger
+from bwcore.metrics import NodeMetrics
+from bwcore.plugins import PluginHost
+
+__all__ = ["RaftNode", "StorageWriter", "ThreadedWriter"]
+
+T = TypeVar("T")
+
+#: The leader's replication traffic, which ``bwraft_route_messages`` may take over.
+ROUTABLE = frozenset({MessageType.APPEND, MessageType.SNAPSHOT, MessageType.HEARTBEAT})
+#: Room for a frame's envelope around one entry; bigger proposals could never be replicated.
+_FRAME_OVERHEAD = 4096
+
+
+class StorageWriter(Protocol):
+    """Runs storage calls off the reactor thread, one at a time, in submission order."""
+
+    def start(self) -> None: ...
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]: ...
+
+    def stop(self) -> None: ...
+
+
+class ThreadedWriter:
+    """A :class:`StorageWriter` with ONE dedicated thread, so saves never overlap or reorder
+    and the reactor never waits on an fsync."""
+
+    def __init__(self, reactor: Any, name: str = "bwraft-writer") -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+
+@dataclass(slots=True)
+class _Proposal:
+    term: int
+    deferred: Deferred[Any]
+    started: float
+
+
+def _fire(d: Deferred[Any], result: Any) -> None:
+    """Fire ``d`` unless it already fired (timed out or cancelled by the caller)."""
+    if d.called:
+        return
+    if isinstance(result, Exception):
+        d.errback(Failure(result))
+    else:
+        d.callback(result)
+
+
+class RaftNode(MultiService):
+    """One bwraft node: the Raft driver plus the facade the API and plugins call.
+
+    Construction does no I/O; :meth:`start` (``startService``) opens storage, loads state,
+    builds kernel, state machine and transport, and starts ticking.
+
+    Args:
+        config: The node's configuration.
+        host: Its plugins (storage, state machine, role, policies).
+        reactor: ``IReactorTime`` (and ``IReactorTCP``/``IReactorFromThreads`` for the default
+            transport and writer); every timer goes through it.
+        rng: Randomness for election timeouts and read contexts (seeded from the OS if None).
+        transport_factory: ``factory(node) -> transport`` (default: a
+            :class:`bwcore.transport.PeerTransport`); the transport must offer ``listen``,
+            ``set_peer``, ``remove_peer``, ``send`` and ``stop``.
+        writer: Where storage calls run (default: a :class:`ThreadedWriter`).
+        registry: Prometheus registry for the node's metrics (default: a new one).
+        timer: Monotonic seconds for measurements only (latency histograms).
+        on_fatal: Called with a reason when the node halts (storage failure, a state machine
+            that raised, a failed start).
+    """
+
+    def __init__(self, config: NodeConfig, host: PluginHost, reactor: Any, *,
+                 rng: random.Random | None = None,
+                 transport_factory: Callable[[RaftNode], Any] | None = None,
+                 writer: StorageWriter | None = None,
+                 registry: CollectorRegistry | None = None,
+                 timer: Callable[[], float] = time.perf_counter,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
+        super().__init__()
+        self.setName(f"raft:{config.id}")
+        self.node_id = config.id
+        self.config = config
+        self.host = host
+        self.reactor = reactor
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = NodeMetrics(self.registry)
+        self.log = get_logger(node_id=config.id)
+        self.kernel: RawNode | None = None
+        self.state_machine: Any = None
+        self.storage: Any = None
+        self.transport: Any = None
+        self.raft_port: int | None = None
+        self._rng = rng if rng is not None else random.Random(os.urandom(16))
+        self._transport_factory = transport_factory or _default_transport
+        self._writer = writer if writer is not None else ThreadedWriter(
+            reactor, name=f"bwraft-writer-{config.id}")
+        self._timer = timer
+        self._on_fatal = on_fatal
+        self._api_urls: dict[str, str] = {
+            vid: v.api.url for vid, v in config.cluster.voters.items() if v.api is not None}
+        self._api_urls.setdefault(config.id, config.addresses.api.url)
+        self._ticker: task.LoopingCall | None = None
+        self._start_waiters: list[Deferred[None]] | None = []
+        self._start_failure: Failure | None = None
+        self._serving = False
+        self._driving = False
+        self._stopping = False
+        self._halted: str | None = None
+        # The Ready loop.
+        self._ready_call: Any = None
+        self._saving = False
+        self._idle_waiters: list[Deferred[None]] = []
+        # Proposals waiting for their entry to apply, by log index.
+        self._proposals: dict[int, _Proposal] = {}
+        # ReadIndex: callers of this turn, requests in flight by context, and confirmed read
+        # indexes waiting for the state machine to catch up (a heap by index).
+        self._read_batch: list[Deferred[int]] = []
+        self._read_flush: Any = None
+        self._read_prefix = b""
+        self._read_seq = 0
+        self._reads_in_flight: dict[bytes, list[Deferred[int]]] = {}
+        self._reads_waiting: list[tuple[int, int, list[Deferred[int]]]] = []
+        # Compaction: what applied since the last snapshot, and a snapshot being stored.
+        self._log_entries = 0
+        self._log_bytes = 0
+        self._snapshotting = False
+        self._compacted: Snapshot | None = None
+        self._leader: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self.start())
+        d.addErrback(self._start_failed)
+
+    def when_started(self) -> Deferred[None]:
+        """A Deferred firing once the node serves (errback if starting failed)."""
+        if self._start_waiters is not None:
+            d: Deferred[None] = Deferred()
+            self._start_waiters.append(d)
+            return d
+        return defer.fail(self._start_failure) if self._start_failure else defer.succeed(None)
+
+    def _start_finished(self, failure: Failure | None) -> None:
+        waiters, self._start_waiters = self._start_waiters or [], None
+        self._start_failure = failure
+        for d in waiters:
+            d.errback(failure) if failure is not None else d.callback(None)
+
+    async def start(self) -> None:
+        """Open storage, load state, build everything, start ticking. Called by startService."""
+        config, hook = self.config, self.host.hook
+        self._writer.start()
+        self.storage = hook.bwraft_open_storage(config=config)
+        if self.storage is None:
+            raise ConfigError(f"{config.source or '<config>'}: no plugin provides storage"
+                              " (is sql-storage installed?)")
+        state = await self._writer.run(self.storage.load)
+        self.state_machine = hook.bwraft_create_state_machine(config=config)
+        if self.state_machine is None:
+            raise ConfigError(f"{config.source or '<config>'}: no plugin provides a state"
+                              " machine (is kv installed?)")
+        if state.snapshot is not None:
+            # The kernel hands out only entries after the snapshot: restore the image first.
+            self.state_machine.restore(state.snapshot.data)
+        kernel_config = KernelConfig(
+            id=config.id, election_tick=config.election_ticks,
+            heartbeat_tick=config.heartbeat_ticks, pre_vote=True, check_quorum=True,
+            non_voting=not config.is_voter)
+        self.kernel = RawNode(kernel_config, self._rng, state=state,
+                              bootstrap=ConfState(voters=frozenset(config.cluster.voters)))
+        # Read contexts must not collide with those of an earlier run of this node, whose
+        # answers may still be in flight: prefix them with a random incarnation.
+        self._read_prefix = self._rng.getrandbits(64).to_bytes(8, "big")
+        hook.bwraft_metrics(registry=self.registry)
+        self.transport = self._transport_factory(self)
+        raft = config.addresses.raft
+        port = self.transport.listen(raft.host, raft.port)
+        self.raft_port = port.getHost().port
+        for voter_id, voter in config.cluster.voters.items():
+            if voter_id != self.node_id:
+                self.transport.set_peer(voter_id, voter.raft.host, voter.raft.port)
+        role_service = hook.bwraft_role_service(node=self)
+        if role_service is not None:
+            role_service.setServiceParent(self)
+        elif not config.is_voter:
+            raise ConfigError(f"{config.source or '<config>'}: no plugin runs role"
+                              f" {config.role!r}")
+        if self._stopping:
+            return
+        self._ticker = task.LoopingCall(self._tick)
+        self._ticker.clock = self.reactor
+        self._ticker.start(config.tick_ms / 1000, now=False)
+        self._serving = self._driving = True
+        self._update_gauges()
+        self.log.info("node_started", role=config.role, raft_port=self.raft_port,
+                      term=self.kernel.term, commit_index=self.kernel.commit_index,
+                      last_index=self.kernel.last_index,
+                      snapshot_index=state.snapshot.meta.index if state.snapshot else 0)
+        self._call_hook("bwraft_node_started", node=self)
+        self._schedule_ready()
+        self._start_finished(None)
+
+    def _start_failed(self, failure: Failure) -> None:
+        reason = f"{type(failure.value).__name__}: {failure.value}"
+        self.log.critical("node_start_failed", error=reason)
+        self._halt(f"start failed: {reason}")
+        self._start_finished(failure)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._serving:
+            self._call_hook("bwraft_node_stopping", node=self)
+            await self._hand_over_leadership()
+        self._serving = self._driving = False
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        for call in (self._ready_call, self._read_flush):
+            if call is not None and call.active():
+                call.cancel()
+        self._ready_call = self._read_flush = None
+        await super().stopService()
+        await self._wait_idle()
+        self._fail_waiters(Unavailable("node stopping"))
+        if self.transport is not None:
+            await self.transport.stop()
+        if self.storage is not None:
+            await self._writer.run(self.storage.close)
+        self._writer.stop()
+        self.log.info("node_stopped")
+
+    async def _hand_over_leadership(self) -> None:
+        """On a clean stop, hand leadership to a voter a plugin picks (dissertation §3.10)."""
+        kernel = self.kernel
+        if kernel is None or kernel.role is not StateRole.LEADER or self._halted:
+            return
+        target = self._call_hook("bwraft_transfer_target", node=self, reason="shutdown")
+        if not target:
+            return
+        try:
+            kernel.transfer_leader(target)
+        except ProposalDropped as exc:
+            self.log.warning("transfer_refused", target=target, reason=str(exc))
+            return
+        self.log.info("transferring_leadership", target=target, term=kernel.term)
+        self._schedule_ready()
+        # The kernel gives a transfer one election timeout; wait that long at most.
+        deadline = self.reactor.seconds() + self.config.election_ticks * self.config.tick_ms / 1000
+        while kernel.role is StateRole.LEADER and self.reactor.seconds() < deadline \
+                and not self._halted:
+            await task.deferLater(self.reactor, self.config.tick_ms / 1000, lambda: None)
+
+    def _halt(self, reason: str) -> None:
+        """Stop driving the kernel for good: what follows a failed save is unknown territory."""
+        if self._halted:
+            return
+        self._halted = reason
+        self._serving = self._driving = False
+        self.log.critical("node_halted", reason=reason)
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        self._fail_waiters(Unavailable(f"node halted: {reason}"))
+        if self._on_fatal is not None:
+            self._on_fatal(reason)
+
+    # -- the facade ------------------------------------------------------------------------
+
+    async def propose(self, data: bytes, *, timeout: float = 5.0) -> Any:
+        """Replicate ``data`` and return the state machine's result of applying it.
+
+        Raises:
+            NotLeader: This node is not the leader.
+            Unavailable: Timeout, lost leadership, transfer in progress, node not serving.
+                The command may or may not have been applied.
+            ValueError: ``data`` is empty or too large to replicate.
+        """
+        if not isinstance(data, bytes) or not data:
+            raise ValueError("a proposal is non-empty bytes")
+        if len(data) > self.config.limits.max_frame_bytes - _FRAME_OVERHEAD:
+            raise ValueError(f"proposal of {len(data)} bytes exceeds the frame limit"
+                             f" ({self.config.limits.max_frame_bytes})")
+        kernel = self._serving_kernel()
+        if kernel.role is not StateRole.LEADER:
+            self.metrics.proposal_failures.labels("not_leader").inc()
+            raise NotLeader(kernel.leader, self.leader_api())
+        try:
+            index = kernel.propose(data)
+        except ProposalDropped as exc:
+            self.metrics.proposal_failures.labels("transfer").inc()
+            raise Unavailable(str(exc)) from None
+        superseded = self._proposals.pop(index, None)
+        if superseded is not None:  # its entry was overwritten by one of a newer term
+            _fire(superseded.deferred, Unavailable("lost leadership, retry"))
+        d: Deferred[Any] = Deferred()
+        self._proposals[index] = _Proposal(kernel.term, d, self._timer())
+        self.metrics.proposals.inc()
+        self._schedule_ready()
+        self._add_deadline(d, timeout, "proposal", lambda: self._forget_proposal(index, d))
+        return await d
+
+    async def read_barrier(self, *, timeout: float = 5.0) -> int:
+        """Wait until a linearizable read may be served locally (ReadIndex, dissertation §6.4).
+
+        Concurrent callers in one reactor turn share one kernel ReadIndex request.
+
+        Returns:
+            The read index: the state machine has applied at least this far.
+
+        Raises:
+            Unavailable: No leader known, leader changed, timeout, node not serving.
+        """
+        kernel = self._serving_kernel()
+        if kernel.leader is None:
+            raise Unavailable("no leader known")
+        d: Deferred[int] = Deferred()
+        self._read_batch.append(d)
+        if self._read_flush is None:
+            self._read_flush = self.reactor.callLater(0, self._flush_reads)
+        self._add_deadline(d, timeout, "read barrier")
+        return await d
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /v1/status`` shows.
+
+        ``role`` is the Raft role (leader, follower, candidate, pre_candidate) for a voter and
+        the configured role (observer, secretary, ...) for a helper; ``node_role`` and
+        ``raft_role`` give both.
+        """
+        kernel = self.kernel
+        out: dict[str, Any] = {
+            "id": self.node_id, "node_role": self.config.role,
+            "datacenter": self.config.datacenter, "state": self._state_name(),
+        }
+        if kernel is None:
+            out.update(role="starting", raft_role=None, term=0, leader=None, leader_api=None,
+                       commit_index=0, applied_index=0, voters=sorted(self.config.cluster.voters))
+            return out
+        kernel_status = kernel.status()
+        raft_role = kernel.role.value
+        out.update(kernel_status)
+        out.update(
+            id=self.node_id,
+            role=raft_role if self.config.is_voter else self.config.role,
+            raft_role=raft_role, leader_api=self.leader_api(),
+            helpers=sorted(kernel.helpers))
+        return out
+
+    def leader_api(self) -> str | None:
+        """The current leader's API base URL (``http://host:port``), if known."""
+        leader = self.kernel.leader if self.kernel is not None else None
+        return self._api_urls.get(leader) if leader is not None else None
+
+    # -- for plugins and the runtime --------------------------------------------------------
+
+    def step(self, message: Message) -> None:
+        """Feed a message to the kernel (from the transport, or a plugin relaying replies)."""
+        if self.kernel is None or not self._driving:
+            self.metrics.dropped_inbound.labels("not_running").inc()
+            return
+        if not isinstance(message, Message) or message.to != self.node_id:
+            self.metrics.dropped_inbound.labels("misdirected").inc()
+            return
+        try:
+            self.kernel.step(message)
+        except Exception:
+            # The kernel promises never to raise for bad input; if it does, drop the message
+            # rather than let one peer's frame take the node down.
+            self.metrics.dropped_inbound.labels("kernel_error").inc()
+            self.log.exception("step_failed", msg_type=message.type.name, frm=message.frm)
+            return
+        self._schedule_ready()
+
+    def send_plugin_frame(self, peer: str, plugin: str, payload: Any) -> bool:
+        """Send a plugin frame to ``peer``; False if it was dropped at once."""
+        from bwcore.codec import PluginFrame
+
+        if self.transport is None:
+            return False
+        return bool(self.transport.send(peer, PluginFrame(plugin, payload)))
+
+    def set_peer_address(self, node_id: str, host: str, port: int, *,
+                         api: str | None = None) -> None:
+        """Tell the transport how to reach ``node_id`` (e.g. a helper learned by gossip)."""
+        if node_id == self.node_id or self.transport is None:
+            return
+        self.transport.set_peer(node_id, host, port)
+        if api is not None:
+            self._api_urls[node_id] = api
+
+    def advertise_api(self, url: str) -> None:
+        """Set this node's own API URL (e.g. once an API bound to port 0 knows its port)."""
+        self._api_urls[self.node_id] = url
+
+    def add_helper(self, node_id: str) -> None:
+        """Have the leader also feed the log to the non-member ``node_id`` (an observer)."""
+        if self.kernel is not None:
+            self.kernel.add_helper(node_id)
+            self._schedule_ready()
+
+    def remove_helper(self, node_id: str) -> None:
+        if self.kernel is not None:
+            self.kernel.remove_helper(node_id)
+            self._schedule_ready()
+
+    def member_event(self, event: str, member: Any) -> None:
+        """A gossip membership change: learn addresses of non-voters, then tell the plugins.
+
+        Initial voters keep the addresses of the config file: gossip carries what a member
+        advertises, which is not authoritative for them.
+        """
+        raft_addr = getattr(member, "raft_addr", None)
+        member_id = getattr(member, "id", None)
+        if event in ("joined", "updated", "alive") and raft_addr and member_id \
+                and member_id not in self.config.cluster.voters:
+            try:
+                address = parse_address(raft_addr)
+            except ValueError as exc:
+                self.log.warning("member_address_invalid", member=member_id, error=str(exc))
+            else:
+                api = getattr(member, "api_addr", None)
+                self.set_peer_address(member_id, address.host, address.port,
+                                      api=f"http://{api}" if api else None)
+        self._call_hook("bwraft_member_event", node=self, event=event, member=member)
+
+    # -- the Ready loop ----------------------------------------------------------------------
+
+    def on_frame(self, peer: str, obj: Any) -> None:
+        """The transport's callback: kernel messages to the kernel, plugin frames to plugins."""
+        if isinstance(obj, Message):
+            self.step(obj)
+        elif self._call_hook("bwraft_plugin_frame", node=self, peer=peer, frame=obj) is None:
+            self.metrics.dropped_inbound.labels("unhandled_plugin_frame").inc()
+            self.log.debug("plugin_frame_unhandled", peer=peer,
+                           plugin=getattr(obj, "plugin", None))
+
+    def _tick(self) -> None:
+        if self.kernel is not None and self._driving:
+            self.kernel.tick()
+            self._schedule_ready()
+
+    def _schedule_ready(self) -> None:
+        # callLater(0): everything else this reactor turn does (more proposals, more
+        # messages) lands in the same Ready.
+        if self._ready_call is None and not self._saving and self._driving:
+            self._ready_call = self.reactor.callLater(0, self._process_ready)
+
+    def _process_ready(self) -> None:
+        self._ready_call = None
+        kernel = self.kernel
+        if self._saving or not self._driving or kernel is None:
+            return
+        started = self._timer()
+        self._apply_compaction()
+        if not kernel.has_ready():
+            return
+        rd = kernel.ready()
+        self.metrics.readies.inc()
+        if rd.soft_state is not None:
+            self._soft_state_changed(rd.soft_state)
+        self._send(rd.messages)
+        if not rd.must_persist():
+            self._finish_ready(rd, started)
+            return
+        self._saving = True
+        stall = self._timer() - started
+        d = self._writer.run(self._save, rd.hard_state, rd.entries, rd.snapshot)
+        d.addCallbacks(self._persisted, self._save_failed, callbackArgs=(rd, stall))
+
+    def _save(self, hard_state: Any, entries: Sequence[Entry], snapshot: Snapshot | None
+              ) -> None:
+        """Runs on the writer thread: one transaction per Ready."""
+        began = time.perf_counter()
+        self.storage.save(hard_state, entries, snapshot)
+        self.metrics.storage_fsync_seconds.observe(time.perf_counter() - began)
+        self.metrics.save_entries.observe(len(entries))
+
+    def _persisted(self, _: None, rd: Ready, stall: float) -> None:
+        self._saving = False
+        self._notify_idle()
+        if self._halted:
+            return
+        self._finish_ready(rd, self._timer() - stall)
+
+    def _save_failed(self, failure: Failure) -> None:
+        self._saving = False
+        self._notify_idle()
+        # Whether the write reached the disk is unknown: nothing that depends on it may be
+        # sent, so the node stops driving the kernel.
+        self._halt(f"storage save failed: {type(failure.value).__name__}: {failure.value}")
+
+    def _finish_ready(self, rd: Ready, started: float) -> None:
+        kernel = self.kernel
+        assert kernel is not None
+        self._send(rd.persisted_messages)
+        resolved: list[tuple[Deferred[Any], Any]] = []
+        if rd.snapshot is not None:
+            self._install_snapshot(rd.snapshot, resolved)
+        if rd.committed_entries and not self._apply(rd.committed_entries, resolved):
+            return
+        kernel.advance(rd)
+        self._update_gauges()
+        self._queue_reads(rd.read_states)
+        applied = kernel.applied_index
+        self._release_reads(applied, resolved)
+        self.metrics.ready_reactor_seconds.observe(self._timer() - started)
+        # Callers resume only now, after advance(): whatever they do next (propose again)
+        # meets a kernel with no Ready outstanding.
+        for d, result in resolved:
+            _fire(d, result)
+        if rd.committed_entries or rd.snapshot is not None:
+            self._call_hook("bwraft_applied", node=self, index=applied)
+            self._maybe_snapshot(applied)
+        if kernel.has_ready() or self._compacted is not None:
+            self._schedule_ready()
+
+    def _send(self, messages: Sequence[Message]) -> None:
+        if not messages or self.transport is None:
+            return
+        kernel = self.kernel
+        if kernel is not None and kernel.role is StateRole.LEADER:
+            messages = self._route(messages)
+        for m in messages:
+            if m.to == self.node_id:
+                continue
+            if not self.transport.send(m.to, m) and kernel is not None:
+                kernel.report_unreachable(m.to)
+
+    def _route(self, messages: Sequence[Message]) -> list[Message]:
+        routable = [m for m in messages if m.type in ROUTABLE]
+        if not routable:
+            return list(messages)
+        batch = list(routable)
+        try:
+            self.host.hook.bwraft_route_messages(node=self, messages=batch)
+        except Exception:
+            self.log.exception("route_messages_failed")
+            return list(messages)
+        keep = {id(m) for m in batch}
+        known = {id(m) for m in messages}
+        out = [m for m in messages if m.type not in ROUTABLE or id(m) in keep]
+        out.extend(m for m in batch if id(m) not in known)
+        return out
+
+    def _soft_state_changed(self, soft: SoftState) -> None:
+        kernel = self.kernel
+        assert kernel is not None
+        if soft.leader != self._leader:
+            self.metrics.leader_changes.inc()
+            # Reads in flight were asked of the old leader, which may never answer.
+            self._fail_reads_in_flight(Unavailable("leader changed, retry"))
+        self._leader = soft.leader
+        self.log.info(f"became_{soft.role.value}", term=kernel.term, leader=soft.leader)
+        self._call_hook("bwraft_role_changed", node=self, role=soft.role, term=kernel.term,
+                        leader=soft.leader)
+
+    def _install_snapshot(self, snapshot: Snapshot,
+                          resolved: list[tuple[Deferred[Any], Any]]) -> None:
+        self.state_machine.restore(snapshot.data)
+        self.metrics.snapshots_installed.inc()
+        self._log_entries = self._log_bytes = 0
+        for index in [i for i in self._proposals if i <= snapshot.meta.index]:
+            resolved.append((self._proposals.pop(index).deferred,
+                             Unavailable("outcome unknown (replaced by a snapshot), retry")))
+        self.log.info("snapshot_installed", index=snapshot.meta.index, term=snapshot.meta.term)
+
+    def _apply(self, entries: Sequence[Entry], resolved: list[tuple[Deferred[Any], Any]]
+               ) -> bool:
+        now = self._timer()
+        for entry in entries:
+            result: Any = None
+            if entry.type is EntryType.NORMAL and entry.data:  # b"" is a leader's no-op
+                try:
+                    result = self.state_machine.apply(entry.index, entry.data)
+                except Exception as exc:
+                    # Replicas must not diverge: a state machine that raised may be half-way
+                    # through a change, so this replica stops.
+                    self.log.exception("apply_failed", index=entry.index)
+                    self._halt(f"state machine failed at index {entry.index}: {exc!r}")
+                    return False
+            self._log_entries += 1
+            self._log_bytes += len(entry.data)
+            waiter = self._proposals.pop(entry.index, None)
+            if waiter is not None:
+                # The entry at our index is ours only if it carries the term we proposed in.
+                if waiter.term == entry.term:
+                    resolved.append((waiter.deferred, result))
+                    self.metrics.apply_latency_seconds.observe(now - waiter.started)
+                else:
+                    self.metrics.proposal_failures.labels("lost_leadership").inc()
+                    resolved.append((waiter.deferred, Unavailable("lost leadership, retry")))
+        self.metrics.applied_entries.inc(len(entries))
+        return True
+
+    # -- ReadIndex ----------------------------------------------------------------------------
+
+    def _flush_reads(self) -> None:
+        self._read_flush = None
+        batch, self._read_batch = self._read_batch, []
+        batch = [d for d in batch if not d.called]
+        if not batch or self.kernel is None:
+            return
+        self._read_seq += 1
+        ctx = self._read_prefix + self._read_seq.to_bytes(8, "big")
+        try:
+            self.kernel.read_index(ctx)
+        except ProposalDropped as exc:
+            for d in batch:
+                _fire(d, Unavailable(str(exc)))
+            return
+        self.metrics.read_rounds.inc()
+        self._reads_in_flight[ctx] = batch
+        self._schedule_ready()
+
+    def _queue_reads(self, read_states: Sequence[ReadState]) -> None:
+        for rs in read_states:
+            waiters = self._reads_in_flight.pop(rs.context, None)
+            if waiters is not None:  # else: an answer to a request we gave up on
+                heapq.heappush(self._reads_waiting, (rs.index, self._read_seq_of(rs), waiters))
+
+    @staticmethod
+    def _read_seq_of(rs: ReadState) -> int:
+        return int.from_bytes(rs.context[-8:], "big")
+
+    def _release_reads(self, applied: int,
+                       resolved: list[tuple[Deferred[Any], Any]]) -> None:
+        while self._reads_waiting and self._reads_waiting[0][0] <= applied:
+            index, _, waiters = heapq.heappop(self._reads_waiting)
+            self.metrics.reads.inc(len(waiters))
+            resolved.extend((d, index) for d in waiters)
+
+    def _fail_reads_in_flight(self, error: Exception) -> None:
+        in_flight, self._reads_in_flight = self._reads_in_flight, {}
+        for waiters in in_flight.values():
+            for d in waiters:
+                _fire(d, error)
+
+    # -- compaction (Raft §7) --------------------------------------------------------------------
+
+    def _maybe_snapshot(self, applied: int) -> None:
+        if self._snapshotting or self._halted or self._log_entries == 0:
+            return
+        wanted = self._call_hook("bwraft_should_snapshot", node=self, applied_index=applied,
+                                 log_entries=self._log_entries, log_bytes=self._log_bytes)
+        if not wanted:
+            return
+        assert self.kernel is not None
+        snapshot = self.kernel.create_snapshot(applied, self.state_machine.snapshot())
+        self._snapshotting = True
+        self._log_entries = self._log_bytes = 0
+        d = self._writer.run(self.storage.compact, snapshot)
+        d.addCallbacks(self._snapshot_stored, self._snapshot_failed, callbackArgs=(snapshot,))
+
+    def _snapshot_stored(self, _: None, snapshot: Snapshot) -> None:
+        self._snapshotting = False
+        self._compacted = snapshot
+        self.metrics.snapshots.inc()
+        self.log.info("snapshot_taken", index=snapshot.meta.index, term=snapshot.meta.term,
+                      bytes=len(snapshot.data))
+        self._schedule_ready()
+
+    def _snapshot_failed(self, failure: Failure) -> None:
+        self._snapshotting = False
+        # The log is intact, only longer than wanted; a failing disk shows in the next save.
+        self.log.error("snapshot_failed", error=f"{type(failure.value).__name__}:"
+                                                f" {failure.value}")
+
+    def _apply_compaction(self) -> None:
+        # Only between Readies: the kernel drops the log prefix the stored snapshot covers.
+        if self._compacted is not None and self.kernel is not None:
+            snapshot, self._compacted = self._compacted, None
+            self.kernel.compact(snapshot)
+
+    # -- small helpers ---------------------------------------------------------------------------
+
+    def _serving_kernel(self) -> RawNode:
+        if self._halted:
+            raise Unavailable(f"node halted: {self._halted}")
+        if not self._serving or self.kernel is None:
+            raise Unavailable("node stopping" if self._stopping else "node not started")
+        return self.kernel
+
+    def _state_name(self) -> str:
+        if self._halted:
+            return "halted"
+        if self._stopping:
+            return "stopping"
+        return "serving" if self._serving else "starting"
+
+    def _add_deadline(self, d: Deferred[Any], timeout: float, what: str,
+                      on_timeout: Callable[[], None] | None = None) -> None:
+        def expire() -> None:
+            if on_timeout is not None:
+                on_timeout()
+            if what == "proposal":
+                self.metrics.proposal_failures.labels("timeout").inc()
+            _fire(d, Unavailable(f"{what} timed out after {timeout:g}s"))
+
+        call = self.reactor.callLater(timeout, expire)
+
+        def cancel_timer(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            return result
+
+        d.addBoth(cancel_timer)
+
+    def _forget_proposal(self, index: int, d: Deferred[Any]) -> None:
+        waiter = self._proposals.get(index)
+        if waiter is not None and waiter.deferred is d:
+            del self._proposals[index]
+
+    def _fail_waiters(self, error: Exception) -> None:
+        proposals, self._proposals = self._proposals, {}
+        for waiter in proposals.values():
+            _fire(waiter.deferred, error)
+        batch, self._read_batch = self._read_batch, []
+        waiting, self._reads_waiting = self._reads_waiting, []
+        for d in batch + [d for _, _, ws in waiting for d in ws]:
+            _fire(d, error)
+        self._fail_reads_in_flight(error)
+
+    def _wait_idle(self) -> Deferred[None]:
+        if not self._saving:
+            return defer.succeed(None)
+        d: Deferred[None] = Deferred()
+        self._idle_waiters.append(d)
+        return d
+
+    def _notify_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _update_gauges(self) -> None:
+        kernel = self.kernel
+        if kernel is None:
+            return
+        m = self.metrics
+        m.term.set(kernel.term)
+        m.commit_index.set(kernel.commit_index)
+        m.applied_index.set(kernel.applied_index)
+        m.last_index.set(kernel.last_index)
+        m.is_leader.set(1 if kernel.role is StateRole.LEADER else 0)
+
+    def _call_hook(self, name: str, **kwargs: Any) -> Any:
+        """Call a hook; a plugin's exception is logged, never allowed to break the loop."""
+        try:
+            return getattr(self.host.hook, name)(**kwargs)
+        except Exception:
+            self.log.exception("plugin_hook_failed", hook=name)
+            return None
+
+
+def _default_transport(node: RaftNode) -> Any:
+    from bwcore.transport import PeerTransport
+
+    config = node.config
+    return PeerTransport(
+        node.node_id, node.reactor, node.on_frame,
+        secret=config.security.cluster_secret,
+        max_frame_bytes=config.limits.max_frame_bytes,
+        max_queue_bytes=max(64 * 1024 * 1024, 4 * config.limits.max_frame_bytes),
+        cluster_name=config.cluster.name,
+        max_inbound_connections=config.limits.max_connections,
+        rng=random.Random(node._rng.getrandbits(64)),
+        registry=node.registry,
+        log=node.log.bind(logger="bwcore.transport"))

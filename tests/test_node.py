@@ -1,0 +1,868 @@
+"""Tests for bwcore.node.RaftNode: the Ready loop, persistence ordering, the facade.
+
+Unit tests drive one node with ``task.Clock``, an in-memory storage, a recording transport and
+a storage writer the test controls. ``LoopbackClusterTest`` runs three nodes over the real
+peer transport, SQLite storage and KV state machine on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+from twisted.application.service import Service
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.trial import unittest as trial
+
+from bwcore.codec import PluginFrame
+from bwcore.config import NodeConfig, config_from_dict
+from bwcore.errors import ConfigError, NotLeader, Unavailable
+from bwcore.hookspecs import hookimpl
+from bwcore.kernel import (
+    Entry,
+    HardState,
+    Message,
+    MessageType as MT,
+    Snapshot,
+    StateRole,
+)
+from bwcore.node import RaftNode
+from bwcore.plugins import PluginHost
+from bwcore.storage import PersistedState, StorageError
+
+TICK = 0.1  # tick_ms = 100 in the configs below
+
+
+# -- fakes ------------------------------------------------------------------------------------
+
+
+class MemoryStorage:
+    """The storage contract, in memory; records every save."""
+
+    def __init__(self) -> None:
+        self.hard_state = HardState()
+        self.snapshot: Snapshot | None = None
+        self.entries: list[Entry] = []
+        self.saves: list[tuple[HardState | None, tuple[Entry, ...], Snapshot | None]] = []
+        self.fail_next_save: Exception | None = None
+        self.closed = False
+
+    def load(self) -> PersistedState:
+        return PersistedState(self.hard_state, self.snapshot, list(self.entries))
+
+    def save(self, hard_state: HardState | None, entries: Any, snapshot: Snapshot | None
+             ) -> None:
+        if self.fail_next_save is not None:
+            error, self.fail_next_save = self.fail_next_save, None
+            raise error
+        self.saves.append((hard_state, tuple(entries), snapshot))
+        if snapshot is not None:
+            self.snapshot, self.entries = snapshot, []
+        if entries:
+            first = entries[0].index
+            self.entries = [e for e in self.entries if e.index < first] + list(entries)
+        if hard_state is not None:
+            self.hard_state = hard_state
+
+    def compact(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.entries = [e for e in self.entries if e.index > snapshot.meta.index]
+
+    def log_stats(self) -> tuple[int, int]:
+        return len(self.entries), sum(len(e.data) for e in self.entries)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def entry_saves(self) -> list[int]:
+        """Sizes of the saves that wrote entries."""
+        return [len(entries) for _, entries, _ in self.saves if entries]
+
+
+class DictMachine:
+    """A state machine of ``key=value`` commands."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+        self.applied_index = 0
+        self.restored = 0
+        self.fail_on: str | None = None
+
+    def apply(self, index: int, data: bytes) -> dict[str, Any]:
+        key, _, value = data.decode().partition("=")
+        if key == self.fail_on:
+            raise RuntimeError("broken state machine")
+        self.data[key] = value
+        self.applied_index = index
+        return {"index": index, "key": key}
+
+    def snapshot(self) -> bytes:
+        return json.dumps({"applied": self.applied_index, "data": self.data}).encode()
+
+    def restore(self, data: bytes) -> None:
+        image = json.loads(data)
+        self.applied_index, self.data = image["applied"], image["data"]
+        self.restored += 1
+
+
+class Backend:
+    """Test plugin: provides storage and state machine, optionally a snapshot policy."""
+
+    def __init__(self, storage: MemoryStorage, snapshot_every: int | None = None) -> None:
+        self.storage = storage
+        self.snapshot_every = snapshot_every
+        self.machines: list[DictMachine] = []
+
+    @hookimpl
+    def bwraft_open_storage(self, config: NodeConfig) -> MemoryStorage:
+        return self.storage
+
+    @hookimpl
+    def bwraft_create_state_machine(self, config: NodeConfig) -> DictMachine:
+        self.machines.append(DictMachine())
+        return self.machines[-1]
+
+    @hookimpl
+    def bwraft_should_snapshot(self, node: RaftNode, applied_index: int, log_entries: int,
+                               log_bytes: int) -> bool | None:
+        if self.snapshot_every is None:
+            return None
+        return log_entries >= self.snapshot_every
+
+
+class FakePort:
+    def __init__(self, host: str, port: int) -> None:
+        self.address = IPv4Address("TCP", host, port)
+
+    def getHost(self) -> IPv4Address:
+        return self.address
+
+
+class FakeTransport:
+    """Records what the node sends; knows the peers the node told it about."""
+
+    def __init__(self, node: RaftNode) -> None:
+        self.node = node
+        self.sent: list[tuple[str, Any]] = []
+        self.peers: dict[str, tuple[str, int]] = {}
+        self.stopped = False
+
+    def listen(self, host: str, port: int) -> FakePort:
+        return FakePort(host, port or 47001)
+
+    def set_peer(self, peer_id: str, host: str, port: int) -> None:
+        self.peers[peer_id] = (host, port)
+
+    def remove_peer(self, peer_id: str) -> None:
+        self.peers.pop(peer_id, None)
+
+    def send(self, peer_id: str, obj: Any) -> bool:
+        if self.stopped or peer_id not in self.peers:
+            return False
+        self.sent.append((peer_id, obj))
+        return True
+
+    def stop(self) -> Deferred[None]:
+        self.stopped = True
+        return defer.succeed(None)
+
+    def take(self, kind: MT | None = None) -> list[Message]:
+        """Remove and return the sent kernel messages (of one type, if given)."""
+        taken = [m for _, m in self.sent if isinstance(m, Message)
+                 and (kind is None or m.type is kind)]
+        self.sent = [(p, m) for p, m in self.sent if m not in taken]
+        return taken
+
+
+class ManualWriter:
+    """Runs storage calls inline, or, while blocked, queues them until released."""
+
+    def __init__(self) -> None:
+        self.blocked = False
+        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+        self.stopped = False
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if not self.blocked:
+            return defer.maybeDeferred(fn, *args)
+        d: Deferred[Any] = Deferred()
+        self.queue.append((fn, args, d))
+        return d
+
+    def release(self) -> None:
+        """Run what is queued now (one save per queued Ready), in order."""
+        queue, self.queue = self.queue, []
+        for fn, args, d in queue:
+            defer.maybeDeferred(fn, *args).chainDeferred(d)
+
+
+@dataclass
+class Harness:
+    node: RaftNode
+    clock: task.Clock
+    storage: MemoryStorage
+    backend: Backend
+    writer: ManualWriter
+    transports: list[FakeTransport] = field(default_factory=list)
+
+    @property
+    def transport(self) -> FakeTransport:
+        return self.transports[-1]
+
+    @property
+    def machine(self) -> DictMachine:
+        return self.backend.machines[-1]
+
+    def ticks(self, n: int) -> None:
+        for _ in range(n):
+            self.clock.advance(TICK)
+
+    def settle(self) -> None:
+        """Run everything due now (the Ready loop schedules itself with callLater(0))."""
+        self.clock.advance(0)
+
+    def propose(self, data: bytes, timeout: float = 5.0) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self.node.propose(data, timeout=timeout))
+
+    def read(self, timeout: float = 5.0) -> Deferred[int]:
+        return Deferred.fromCoroutine(self.node.read_barrier(timeout=timeout))
+
+    def deliver(self, kind: MT, frm: str, term: int, **fields: Any) -> None:
+        self.node.on_frame(frm, Message(kind, self.node.node_id, frm, term, **fields))
+        self.settle()
+
+
+def make_config(voters: tuple[str, ...] = ("n1",), **extra: Any) -> NodeConfig:
+    raw: dict[str, Any] = {
+        "id": "n1", "tick_ms": 100, "election_ticks": 10, "heartbeat_ticks": 1,
+        "addresses": {"raft": "127.0.0.1:0", "api": "127.0.0.1:8001"},
+        "cluster": {"voters": {v: {"raft": f"127.0.0.1:{7000 + i}",
+                                   "api": f"127.0.0.1:{8001 + i}"}
+                               for i, v in enumerate(voters)}},
+    }
+    raw.update(extra)
+    return config_from_dict(raw, source="n1.toml")
+
+
+def make_harness(voters: tuple[str, ...] = ("n1",), *, storage: MemoryStorage | None = None,
+                 plugins: tuple[tuple[str, Any], ...] = (), snapshot_every: int | None = None,
+                 on_fatal: Callable[[str], None] | None = None, start: bool = True,
+                 **extra: Any) -> Harness:
+    config = make_config(voters, **extra)
+    host = PluginHost(config)
+    backend = Backend(storage or MemoryStorage(), snapshot_every)
+    host.register(backend, "backend")
+    for name, plugin in plugins:
+        host.register(plugin, name)
+    clock = task.Clock()
+    writer = ManualWriter()
+    transports: list[FakeTransport] = []
+
+    def transport_factory(node: RaftNode) -> FakeTransport:
+        transports.append(FakeTransport(node))
+        return transports[-1]
+
+    node = RaftNode(config, host, clock, rng=random.Random(7), writer=writer,
+                    transport_factory=transport_factory, on_fatal=on_fatal)
+    harness = Harness(node, clock, backend.storage, backend, writer, transports)
+    if start:
+        node.startService()
+        harness.settle()
+    return harness
+
+
+def elect_single(h: Harness) -> None:
+    h.ticks(2 * 10 + 1)  # the randomized timeout is below 2 * election_ticks
+    assert h.node.kernel.role is StateRole.LEADER
+
+
+def elect_n1_of_three(h: Harness) -> None:
+    """Make n1 leader of {n1, n2, n3} by answering its pre-vote and vote requests."""
+    for _ in range(25):
+        h.ticks(1)
+        requests = h.transport.take(MT.PRE_VOTE)
+        if requests:
+            break
+    else:
+        raise AssertionError("n1 never campaigned")
+    for m in requests:
+        h.deliver(MT.PRE_VOTE_RESP, m.to, m.term)
+    for m in h.transport.take(MT.VOTE):
+        h.deliver(MT.VOTE_RESP, m.to, m.term)
+    assert h.node.kernel.role is StateRole.LEADER
+
+
+def ack_appends(h: Harness, peers: tuple[str, ...] = ("n2", "n3")) -> None:
+    """Answer every APPEND sent to ``peers`` as a follower that accepts it would."""
+    for m in h.transport.take(MT.APPEND):
+        if m.to in peers:
+            last = m.entries[-1].index if m.entries else m.index
+            h.deliver(MT.APPEND_RESP, m.to, m.term, index=last)
+
+
+# -- single node --------------------------------------------------------------------------------
+
+
+def test_single_voter_elects_itself() -> None:
+    """A one-voter cluster elects its only node within two election timeouts."""
+    h = make_harness()
+    assert h.node.kernel.role is StateRole.FOLLOWER
+    elect_single(h)
+    status = h.node.status()
+    assert status["role"] == "leader" and status["leader"] == "n1"
+    assert status["leader_api"] == "http://127.0.0.1:8001" == h.node.leader_api()
+    assert status["term"] >= 1 and status["state"] == "serving"
+    assert h.node.registry.get_sample_value("bwraft_is_leader") == 1
+    assert h.node.registry.get_sample_value("bwraft_term") == status["term"]
+
+
+def test_proposal_resolves_with_state_machine_result() -> None:
+    h = make_harness()
+    elect_single(h)
+    d = h.propose(b"colour=blue")
+    h.settle()
+    assert resolved(d) == {"index": h.node.kernel.applied_index, "key": "colour"}
+    assert h.machine.data == {"colour": "blue"}
+    assert [e.data for e in h.storage.entries][-1] == b"colour=blue"
+    assert h.node.registry.get_sample_value("bwraft_proposals_total") == 1
+    assert h.node.registry.get_sample_value("bwraft_apply_latency_seconds_count") == 1
+    assert h.node.registry.get_sample_value("bwraft_applied_index") == \
+        h.node.kernel.applied_index
+
+
+def resolved(d: Deferred[Any]) -> Any:
+    """The result of a fired Deferred (raises its failure; fails if it has not fired)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    outcome = results[0]
+    if hasattr(outcome, "raiseException"):
+        outcome.raiseException()
+    return outcome
+
+
+def test_group_commit_one_save_per_turn_and_per_save_in_flight() -> None:
+    """Proposals of one turn share one save; those made while it runs share the next."""
+    h = make_harness()
+    elect_single(h)
+    h.settle()
+    before = len(h.storage.entry_saves())
+    h.writer.blocked = True
+    first = [h.propose(b"a%d=x" % i) for i in range(50)]
+    h.settle()
+    assert len(h.writer.queue) == 1  # one Ready, one save for all 50
+    second = [h.propose(b"b%d=y" % i) for i in range(30)]
+    h.ticks(3)  # time passes while the disk is slow: still one save in flight
+    assert len(h.writer.queue) == 1
+    h.writer.release()
+    h.settle()
+    assert len(h.writer.queue) == 1  # the 30 (and the commit of the 50) in one save
+    h.writer.blocked = False
+    h.writer.release()
+    h.settle()
+    assert h.storage.entry_saves()[before:] == [50, 30]
+    assert all(isinstance(resolved(d), dict) for d in first + second)
+    assert len(h.machine.data) == 80
+
+
+def test_read_barrier_shares_one_read_index_per_turn() -> None:
+    h = make_harness()
+    elect_single(h)
+    h.settle()
+    reads = [h.read() for _ in range(5)]
+    h.settle()
+    assert [resolved(d) for d in reads] == [h.node.kernel.commit_index] * 5
+    assert h.node.registry.get_sample_value("bwraft_read_index_rounds_total") == 1
+    later = h.read()
+    h.settle()
+    assert resolved(later) == h.node.kernel.commit_index
+    assert h.node.registry.get_sample_value("bwraft_read_index_rounds_total") == 2
+    assert h.node.registry.get_sample_value("bwraft_read_barriers_total") == 6
+
+
+def test_calls_before_start_are_unavailable() -> None:
+    h = make_harness(start=False)
+    with pytest.raises(Unavailable, match="node not started"):
+        resolved(h.propose(b"k=v"))
+    assert h.node.status()["role"] == "starting"
+
+
+def test_empty_and_oversized_proposals_are_refused() -> None:
+    h = make_harness(limits={"max_frame_bytes": 8192})
+    elect_single(h)
+    with pytest.raises(ValueError, match="non-empty"):
+        resolved(h.propose(b""))
+    with pytest.raises(ValueError, match="exceeds the frame limit"):
+        resolved(h.propose(b"k=" + b"x" * 8192))
+
+
+# -- persistence --------------------------------------------------------------------------------
+
+
+def test_restart_from_the_same_storage_keeps_state() -> None:
+    storage = MemoryStorage()
+    h = make_harness(storage=storage)
+    elect_single(h)
+    for i in range(3):
+        resolved_now(h, h.propose(b"k%d=v%d" % (i, i)))
+    term = h.node.kernel.term
+    h.settle()
+    resolved(h.node.stopService())
+    assert storage.closed and h.transport.stopped and h.writer.stopped
+    assert storage.hard_state.term == term
+
+    again = make_harness(storage=storage)
+    assert again.machine.data == {"k0": "v0", "k1": "v1", "k2": "v2"}  # replayed at start
+    elect_single(again)
+    assert again.node.kernel.term > term
+
+
+def resolved_now(h: Harness, d: Deferred[Any]) -> Any:
+    h.settle()
+    return resolved(d)
+
+
+def test_snapshot_compacts_log_and_restart_restores_it() -> None:
+    """With a policy asking for it, the node snapshots, compacts, and restores on restart."""
+    storage = MemoryStorage()
+    h = make_harness(storage=storage, snapshot_every=4)
+    elect_single(h)
+    for i in range(6):
+        resolved_now(h, h.propose(b"k%d=%d" % (i, i)))
+    h.settle()
+    assert storage.snapshot is not None
+    index = storage.snapshot.meta.index
+    assert index == h.node.kernel.applied_index == 8  # snapshots at 4 and 8 entries
+    assert storage.entries == []
+    assert h.node.kernel.first_index == index + 1  # the kernel dropped the prefix too
+    assert h.node.registry.get_sample_value("bwraft_snapshots_total") >= 1
+    resolved(h.node.stopService())
+
+    again = make_harness(storage=storage)
+    assert again.machine.restored == 1
+    assert again.machine.data == {f"k{i}": str(i) for i in range(6)}
+
+
+def test_persisted_messages_wait_for_the_save() -> None:
+    """An append is acknowledged only once the entries it carried are durable (Raft §5)."""
+    h = make_harness(("n1", "n2", "n3"))
+    h.settle()
+    bootstrap_last = h.node.kernel.last_index
+    h.writer.blocked = True
+    h.deliver(MT.APPEND, "n2", 2, index=bootstrap_last, log_term=1,
+              entries=(Entry(2, bootstrap_last + 1, b"x=1"),), commit=bootstrap_last)
+    assert len(h.writer.queue) == 1
+    assert h.transport.take(MT.APPEND_RESP) == []
+    assert all(e.index <= bootstrap_last for e in h.storage.entries)
+    h.writer.release()
+    h.settle()
+    [ack] = h.transport.take(MT.APPEND_RESP)
+    assert (ack.to, ack.index, ack.reject) == ("n2", bootstrap_last + 1, False)
+    assert h.storage.entries[-1] == Entry(2, bootstrap_last + 1, b"x=1")
+    assert h.storage.hard_state.term == 2
+
+
+def test_vote_is_sent_only_after_it_is_durable() -> None:
+    h = make_harness(("n1", "n2", "n3"))
+    h.settle()
+    h.writer.blocked = True
+    h.deliver(MT.VOTE, "n3", 5, index=h.node.kernel.last_index, log_term=1)
+    assert h.transport.take(MT.VOTE_RESP) == []
+    h.writer.release()
+    h.settle()
+    [vote] = h.transport.take(MT.VOTE_RESP)
+    assert (vote.to, vote.term, vote.reject) == ("n3", 5, False)
+    assert h.storage.hard_state == HardState(5, "n3", h.storage.hard_state.commit)
+
+
+def test_storage_failure_halts_the_node() -> None:
+    reasons: list[str] = []
+    h = make_harness(on_fatal=reasons.append)
+    elect_single(h)
+    h.settle()
+    h.writer.blocked = True
+    d = h.propose(b"k=v")
+    h.settle()
+    h.storage.fail_next_save = StorageError("raft.db: disk I/O error")
+    h.writer.release()
+    h.settle()
+    with pytest.raises(Unavailable, match="node halted: storage save failed"):
+        resolved(d)
+    assert reasons and "disk I/O error" in reasons[0]
+    assert h.node.status()["state"] == "halted"
+    with pytest.raises(Unavailable, match="node halted"):
+        resolved(h.propose(b"k=w"))
+    h.ticks(30)  # nothing is driven any more
+    assert h.machine.data == {}
+
+
+def test_state_machine_failure_halts_the_node() -> None:
+    h = make_harness()
+    elect_single(h)
+    h.settle()
+    h.machine.fail_on = "bad"
+    d = h.propose(b"bad=1")
+    h.settle()
+    with pytest.raises(Unavailable, match="state machine failed at index"):
+        resolved(d)
+    assert h.node.status()["state"] == "halted"
+
+
+# -- three voters, peers simulated ---------------------------------------------------------------
+
+
+def test_proposal_on_follower_raises_not_leader() -> None:
+    h = make_harness(("n1", "n2", "n3"))
+    with pytest.raises(NotLeader) as info:
+        resolved(h.propose(b"k=v"))
+    assert (info.value.leader_id, info.value.leader_api) == (None, None)
+    h.deliver(MT.HEARTBEAT, "n2", 2, commit=0)
+    with pytest.raises(NotLeader) as info:
+        resolved(h.propose(b"k=v"))
+    assert (info.value.leader_id, info.value.leader_api) == ("n2", "http://127.0.0.1:8002")
+    assert h.node.status()["leader_api"] == "http://127.0.0.1:8002"
+
+
+def test_read_barrier_without_leader_is_unavailable() -> None:
+    h = make_harness(("n1", "n2", "n3"))
+    with pytest.raises(Unavailable, match="no leader known"):
+        resolved(h.read())
+
+
+def test_follower_read_barrier_asks_the_leader_and_waits_for_apply() -> None:
+    h = make_harness(("n1", "n2", "n3"))
+    h.deliver(MT.HEARTBEAT, "n2", 2, commit=0)
+    d = h.read()
+    h.settle()
+    [request] = h.transport.take(MT.READ_INDEX)
+    assert request.to == "n2"
+    target = h.node.kernel.applied_index + 1
+    h.deliver(MT.READ_INDEX_RESP, "n2", 2, index=target, context=request.context)
+    assert not d.called  # confirmed, but not applied that far yet
+    last = h.node.kernel.last_index
+    h.deliver(MT.APPEND, "n2", 2, index=last, log_term=h.node.kernel.term_at(last),
+              entries=(Entry(2, last + 1, b"r=1"),), commit=last + 1)
+    assert resolved(d) == target
+
+
+def test_proposal_times_out_without_a_quorum() -> None:
+    h = make_harness(("n1", "n2", "n3"))
+    elect_n1_of_three(h)
+    d = h.propose(b"k=v", timeout=0.5)
+    h.ticks(4)
+    assert not d.called
+    h.ticks(2)
+    with pytest.raises(Unavailable, match="proposal timed out after 0.5s"):
+        resolved(d)
+
+
+def test_proposal_overwritten_by_a_new_leader_fails() -> None:
+    """An index proposed in term t that applies with another term was lost (Raft §5.3)."""
+    h = make_harness(("n1", "n2", "n3"))
+    elect_n1_of_three(h)
+    term = h.node.kernel.term
+    noop = h.node.kernel.last_index
+    d = h.propose(b"mine=1")
+    h.settle()
+    index = h.node.kernel.last_index
+    # n2 won a later term without our entry and commits its own at that index.
+    h.deliver(MT.APPEND, "n2", term + 1, index=noop, log_term=term,
+              entries=(Entry(term + 1, index, b"theirs=1"),), commit=index)
+    with pytest.raises(Unavailable, match="lost leadership, retry"):
+        resolved(d)
+    assert h.machine.data == {"theirs": "1"}
+
+
+def test_commit_needs_a_majority_of_acks() -> None:
+    h = make_harness(("n1", "n2", "n3"))
+    elect_n1_of_three(h)
+    ack_appends(h)
+    d = h.propose(b"k=v")
+    h.settle()
+    assert not d.called
+    ack_appends(h, ("n2",))  # with n1 itself: 2 of 3
+    assert resolved(d)["key"] == "k"
+
+
+class Router:
+    """Takes over replication to n3, as a secretary plugin would."""
+
+    def __init__(self) -> None:
+        self.taken: list[Message] = []
+        self.fail = False
+
+    @hookimpl
+    def bwraft_route_messages(self, node: RaftNode, messages: list[Message]) -> None:
+        if self.fail:
+            raise RuntimeError("router bug")
+        for m in [m for m in messages if m.to == "n3"]:
+            messages.remove(m)
+            self.taken.append(m)
+
+
+def test_route_messages_hook_takes_over_replication() -> None:
+    router = Router()
+    h = make_harness(("n1", "n2", "n3"), plugins=(("router", router),))
+    elect_n1_of_three(h)
+    h.ticks(1)
+    sent_to = {peer for peer, m in h.transport.sent
+               if isinstance(m, Message) and m.type in (MT.APPEND, MT.HEARTBEAT)}
+    assert sent_to == {"n2"}
+    assert {m.type for m in router.taken} >= {MT.APPEND} and all(m.to == "n3"
+                                                                   for m in router.taken)
+    router.fail = True  # a failing router must not stop replication
+    h.transport.sent.clear()
+    h.ticks(1)
+    sent_to = {peer for peer, m in h.transport.sent if isinstance(m, Message)}
+    assert sent_to == {"n2", "n3"}
+
+
+def test_misdirected_and_unhandled_input_is_dropped_and_counted() -> None:
+    h = make_harness(("n1", "n2", "n3"))
+    h.node.on_frame("n2", Message(MT.HEARTBEAT, "n9", "n2", 3))
+    h.node.on_frame("n2", PluginFrame("nobody", {"x": 1}))
+    h.settle()
+    assert h.node.kernel.term == 1  # the heartbeat for n9 was not stepped
+    sample = h.node.registry.get_sample_value
+    assert sample("bwraft_dropped_inbound_messages_total", {"reason": "misdirected"}) == 1
+    assert sample("bwraft_dropped_inbound_messages_total",
+                  {"reason": "unhandled_plugin_frame"}) == 1
+
+
+# -- every hook, roles, shutdown ----------------------------------------------------------------
+
+
+class Recorder:
+    """Implements every hook the node calls and records the calls."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[dict[str, Any]]] = {}
+
+    def _record(self, name: str, **kwargs: Any) -> None:
+        self.calls.setdefault(name, []).append(kwargs)
+
+    @hookimpl
+    def bwraft_node_started(self, node: RaftNode) -> None:
+        self._record("bwraft_node_started", node=node)
+
+    @hookimpl
+    def bwraft_node_stopping(self, node: RaftNode) -> None:
+        self._record("bwraft_node_stopping", node=node)
+
+    @hookimpl
+    def bwraft_role_service(self, node: RaftNode) -> None:
+        self._record("bwraft_role_service", node=node)
+
+    @hookimpl
+    def bwraft_route_messages(self, node: RaftNode, messages: list[Message]) -> None:
+        self._record("bwraft_route_messages", count=len(messages))
+
+    @hookimpl
+    def bwraft_plugin_frame(self, node: RaftNode, peer: str, frame: Any) -> bool | None:
+        self._record("bwraft_plugin_frame", peer=peer, frame=frame)
+        return True if frame.plugin == "recorder" else None
+
+    @hookimpl
+    def bwraft_role_changed(self, node: RaftNode, role: StateRole, term: int,
+                            leader: str | None) -> None:
+        self._record("bwraft_role_changed", role=role, term=term, leader=leader)
+
+    @hookimpl
+    def bwraft_transfer_target(self, node: RaftNode, reason: str) -> str:
+        self._record("bwraft_transfer_target", reason=reason)
+        return "n2"
+
+    @hookimpl
+    def bwraft_applied(self, node: RaftNode, index: int) -> None:
+        self._record("bwraft_applied", index=index)
+
+    @hookimpl
+    def bwraft_should_snapshot(self, node: RaftNode, applied_index: int, log_entries: int,
+                               log_bytes: int) -> None:
+        self._record("bwraft_should_snapshot", applied_index=applied_index)
+
+    @hookimpl
+    def bwraft_member_event(self, node: RaftNode, event: str, member: Any) -> None:
+        self._record("bwraft_member_event", event=event, member=member)
+
+    @hookimpl
+    def bwraft_http_resources(self, node: RaftNode) -> dict[str, str]:
+        self._record("bwraft_http_resources")
+        return {"recorder": "resource"}
+
+    @hookimpl
+    def bwraft_metrics(self, registry: Any) -> None:
+        self._record("bwraft_metrics", registry=registry)
+
+
+@dataclass
+class Member:
+    id: str
+    raft_addr: str
+    api_addr: str | None = None
+    role: str = "observer"
+
+
+def test_every_hook_is_called_by_the_node() -> None:
+    """One scenario through which the node calls each hook of the contract."""
+    from bwcore import hookspecs
+
+    recorder = Recorder()
+    h = make_harness(("n1", "n2", "n3"), plugins=(("recorder", recorder),))
+    elect_n1_of_three(h)
+    ack_appends(h)
+    d = h.propose(b"k=v")
+    h.settle()
+    ack_appends(h)
+    assert resolved(d)["key"] == "k"
+    h.node.on_frame("n2", PluginFrame("recorder", [1, 2]))
+    h.node.member_event("joined", Member("obs1", "127.0.0.1:7301", "127.0.0.1:8301"))
+    assert h.transport.peers["obs1"] == ("127.0.0.1", 7301)
+    assert h.node.host.http_resources(h.node) == {"recorder": "resource"}
+    stopping = h.node.stopService()
+    h.settle()
+    [timeout_now] = h.transport.take(MT.TIMEOUT_NOW)  # n2 is caught up: transfer at once
+    h.deliver(MT.VOTE, "n2", h.node.kernel.term + 1, index=h.node.kernel.last_index,
+              log_term=h.node.kernel.term, context=b"transfer")
+    h.ticks(1)
+    resolved(stopping)
+
+    hooks = {name for name in dir(hookspecs) if name.startswith("bwraft_")}
+    node_hooks = hooks - {"bwraft_open_storage", "bwraft_create_state_machine"}
+    assert node_hooks - set(recorder.calls) == set()
+    assert h.storage.closed  # open_storage / create_state_machine: answered by Backend
+    assert recorder.calls["bwraft_role_changed"][-1]["role"] is StateRole.FOLLOWER
+    assert StateRole.LEADER in {c["role"] for c in recorder.calls["bwraft_role_changed"]}
+    assert recorder.calls["bwraft_transfer_target"] == [{"reason": "shutdown"}]
+    assert recorder.calls["bwraft_plugin_frame"][0]["frame"] == PluginFrame("recorder", [1, 2])
+    assert recorder.calls["bwraft_metrics"] == [{"registry": h.node.registry}]
+    assert timeout_now.to == "n2"
+
+
+class ObserverRole:
+    def __init__(self) -> None:
+        self.service = Service()
+
+    @hookimpl
+    def bwraft_role_service(self, node: RaftNode) -> Service | None:
+        return self.service if node.config.role == "observer" else None
+
+
+def test_role_service_runs_as_child_of_the_node() -> None:
+    role = ObserverRole()
+    h = make_harness(("n2", "n3"), plugins=(("observer", role),), role="observer")
+    assert role.service.running and role.service.parent is h.node
+    assert h.node.status()["role"] == "observer"
+    h.ticks(40)
+    assert h.transport.take(MT.PRE_VOTE) == []  # a helper never campaigns
+    resolved(h.node.stopService())
+    assert not role.service.running
+
+
+def test_helper_role_without_a_plugin_fails_to_start() -> None:
+    reasons: list[str] = []
+    h = make_harness(("n2", "n3"), role="observer", on_fatal=reasons.append)
+    with pytest.raises(ConfigError, match="no plugin runs role 'observer'"):
+        resolved(h.node.when_started())
+    assert h.node.status()["state"] == "halted" and reasons
+
+
+# -- three real nodes over loopback TCP ----------------------------------------------------------
+
+
+class LoopbackClusterTest(trial.TestCase):
+    """Three nodes on the real reactor: PeerTransport on 127.0.0.1, SQLite, the KV machine."""
+
+    timeout = 60
+
+    def test_three_nodes_elect_replicate_fail_over_and_catch_up(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._scenario())
+
+    async def _scenario(self) -> None:
+        from twisted.internet import reactor
+
+        from bwraft_plugins.kv import encode_command
+
+        base = tempfile.mkdtemp(prefix="bwraft-node-test-")
+        self.addCleanup(shutil.rmtree, base, True)
+        ids = ("n1", "n2", "n3")
+        configs = {
+            i: config_from_dict({
+                "id": i, "tick_ms": 20, "election_ticks": 10, "data_dir": f"{base}/{i}",
+                "addresses": {"raft": "127.0.0.1:0", "api": f"127.0.0.1:{9001 + k}"},
+                # Placeholders: the real ports are only known once each node listens.
+                "cluster": {"voters": {j: {"raft": "127.0.0.1:9", "api": f"127.0.0.1:{9001 + n}"}
+                                       for n, j in enumerate(ids)}},
+            }, source=f"{i}.toml")
+            for k, i in enumerate(ids)}
+        nodes: dict[str, RaftNode] = {}
+
+        async def start(node_id: str) -> RaftNode:
+            node = RaftNode(configs[node_id], PluginHost.from_config(configs[node_id]), reactor)
+            node.startService()
+            await node.when_started()
+            nodes[node_id] = node
+            for other in nodes.values():  # wire everyone to everyone's real port
+                for peer in nodes.values():
+                    if peer is not other:
+                        other.set_peer_address(peer.node_id, "127.0.0.1", peer.raft_port)
+            return node
+
+        async def wait_for(condition: Callable[[], Any], what: str) -> Any:
+            deadline = reactor.seconds() + 20
+            while not (result := condition()):
+                if reactor.seconds() > deadline:
+                    raise AssertionError(f"timed out waiting for {what}")
+                await task.deferLater(reactor, 0.01, lambda: None)
+            return result
+
+        def leader_of(group: dict[str, RaftNode]) -> RaftNode | None:
+            leaders = [n for n in group.values() if n.kernel.role is StateRole.LEADER]
+            return leaders[0] if len(leaders) == 1 else None
+
+        try:
+            for node_id in ids:
+                await start(node_id)
+            leader = await wait_for(lambda: leader_of(nodes), "a leader")
+            result = await leader.propose(encode_command("put", "a", value="1"))
+            followers = [n for n in nodes.values() if n is not leader]
+            await wait_for(lambda: all(n.state_machine.get("a") == "1" for n in followers),
+                           "replication to both followers")
+            with pytest.raises(NotLeader) as info:
+                await followers[0].propose(encode_command("put", "b", value="2"))
+            assert info.value.leader_id == leader.node_id
+            assert await followers[0].read_barrier() >= result["index"]
+
+            # The leader stops; the others elect one of themselves and keep serving.
+            old = leader.node_id
+            await leader.stopService()
+            del nodes[old]
+            new_leader = await wait_for(lambda: leader_of(nodes), "a new leader")
+            assert new_leader.node_id != old
+            second = await new_leader.propose(encode_command("put", "b", value="2"))
+            assert second["index"] > result["index"]
+
+            # The old leader restarts from its data directory and catches up.
+            restarted = await start(old)
+            await wait_for(lambda: restarted.state_machine.get("b") == "2", "catch-up")
+            assert restarted.state_machine.get("a") == "1"
+            stalls = [n.registry.get_sample_value("bwraft_ready_reactor_seconds_sum") /
+                      n.registry.get_sample_value("bwraft_ready_reactor_seconds_count")
+                      for n in nodes.values()]
+            assert all(s < 1.0 for s in stalls)
+        finally:
+            await defer.gatherResults([defer.ensureDeferred(n.stopService())
+                                       for n in nodes.values()])
