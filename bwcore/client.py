@@ -222,7 +222,10 @@ class Client:
             status, _, answer = self._send(endpoint, "GET", "/v1/status", None)
         except (OSError, http.client.HTTPException):
             return None
-        return answer.get("role") if status == 200 and isinstance(answer, dict) else None
+        if status != 200 or not isinstance(answer, dict):
+            return None
+        # A voter's "role" is its Raft role; "node_role" is the configured role.
+        return answer.get("node_role", answer.get("role"))
 
     def _learn_leader(self, endpoint: str) -> None:
         """Ask ``endpoint`` who leads; a failure here only means "send it there anyway"."""
