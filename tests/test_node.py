@@ -8,10 +8,14 @@ peer transport, SQLite storage and KV state machine on 127.0.0.1.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -19,6 +23,7 @@ from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.python import usage
 from twisted.trial import unittest as trial
 
 from bwcore.codec import PluginFrame
@@ -866,3 +871,64 @@ class LoopbackClusterTest(trial.TestCase):
         finally:
             await defer.gatherResults([defer.ensureDeferred(n.stopService())
                                        for n in nodes.values()])
+
+
+# -- the twistd plugin ----------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+TWISTD = Path(sys.executable).with_name("twistd")
+
+
+def run_twistd(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # The source tree's twisted/plugins/bwraft_dropin.py is found through PYTHONPATH, as for
+    # an installed copy through site-packages.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([str(TWISTD), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_twistd_lists_the_bwraft_plugin(tmp_path: Path) -> None:
+    result = run_twistd("--help", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "bwraft" in result.stdout and "A bwraft (BW-Raft) node." in result.stdout
+
+
+def test_twistd_refuses_a_bad_config_with_its_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('id = "n1"\ntick_ms = "fast"\n[addresses]\nraft = "127.0.0.1:0"\n'
+                   'api = "127.0.0.1:0"\n')
+    result = run_twistd("-n", "bwraft", "--config", str(bad), cwd=tmp_path)
+    assert result.returncode != 0
+    assert f"{bad}: tick_ms: expected an integer, got a string 'fast'" in result.stdout
+    missing = run_twistd("-n", "bwraft", "--config", str(tmp_path / "nope.toml"), cwd=tmp_path)
+    assert missing.returncode != 0 and "nope.toml: cannot read config file" in missing.stdout
+
+
+def test_twistd_exits_non_zero_when_the_node_cannot_load_its_state(tmp_path: Path) -> None:
+    """A corrupt data directory stops the process with status 1 and a one-line reason."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "raft.db").write_bytes(b"this is not a database" * 100)
+    config = tmp_path / "node.toml"
+    config.write_text('id = "n1"\n[addresses]\nraft = "127.0.0.1:0"\napi = "127.0.0.1:0"\n'
+                      '[cluster.voters.n1]\nraft = "127.0.0.1:7001"\n')
+    result = run_twistd("-n", "--pidfile", str(tmp_path / "twistd.pid"), "bwraft",
+                        "--config", str(config), cwd=tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "bwraft: node n1 (" in result.stderr and "halted: start failed: StorageError" \
+        in result.stderr
+    assert not (tmp_path / "twistd.pid").exists()  # twistd cleaned up before the exit
+
+
+def test_make_service_builds_node_and_api(tmp_path: Path) -> None:
+    from bwcore.tap import Options, makeService
+
+    config = tmp_path / "node.toml"
+    config.write_text('id = "n1"\n[addresses]\nraft = "127.0.0.1:0"\napi = "127.0.0.1:0"\n')
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    top = makeService(options)
+    services = list(top)
+    assert isinstance(services[0], RaftNode) and services[0].node_id == "n1"
+    assert len(services) == 2  # and the HTTP API
+    with pytest.raises(usage.UsageError, match="--config FILE is required"):
+        Options().parseOptions([])
