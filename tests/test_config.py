@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,46 @@ def test_parse_address_round_trips() -> None:
         parse_address("127.0.0.1:0")
     with pytest.raises(ValueError, match="expected a 'host:port' string"):
         parse_address(7001)  # type: ignore[arg-type]
+
+
+# -- docs/configuration.md stays true ------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+
+
+def documented_keys() -> set[str]:
+    """Every key the parser knows, as dotted paths (``cluster.voters.<id>.raft``)."""
+    import dataclasses
+
+    from bwcore.config import (Addresses, ClusterConfig, LimitsConfig, LogConfig, NodeConfig,
+                               SecurityConfig, VoterAddresses)
+
+    nested = {"addresses": Addresses, "cluster": ClusterConfig, "security": SecurityConfig,
+              "limits": LimitsConfig, "log": LogConfig}
+    keys = {f.name for f in dataclasses.fields(NodeConfig)} - set(nested) - {"plugins", "source"}
+    for table, cls in nested.items():
+        keys |= {f"{table}.{f.name}" for f in dataclasses.fields(cls)}
+    keys -= {"security.cluster_secret", "cluster.voters"}  # read from the file / a table
+    keys |= {f"cluster.voters.<id>.{f.name}" for f in dataclasses.fields(VoterAddresses)}
+    return keys
+
+
+def test_every_key_is_documented() -> None:
+    text = DOC.read_text()
+    missing = sorted(k for k in documented_keys() if f"`{k}`" not in text)
+    assert missing == []
+
+
+def test_documented_example_is_a_valid_config(tmp_path: Path) -> None:
+    """The complete example in the docs parses, and sets every key it documents."""
+    text = DOC.read_text()
+    example = text.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = load_config(write(tmp_path, example))
+    assert config.id == "n1" and sorted(config.cluster.voters) == ["n1", "n2", "n3"]
+    assert config.addresses.gossip == Address("10.0.0.1", 7101)
+    raw = tomllib.loads(example)
+    flat = {k for k in raw if not isinstance(raw[k], dict)}
+    flat |= {f"{t}.{k}" for t, table in raw.items() if isinstance(table, dict) and t != "plugins"
+             for k in table if k != "voters"}
+    flat |= {f"cluster.voters.<id>.{k}" for k in raw["cluster"]["voters"]["n1"]}
+    assert flat == documented_keys()
