@@ -272,10 +272,16 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+#: Runs twistd with the chosen interpreter (``python -m twisted`` is ``twist``, not twistd).
+TWISTD_BOOTSTRAP = ("import sys; from twisted.scripts.twistd import run;"
+                    " sys.argv[0] = 'twistd'; run()")
+
+
 def node_command(cluster: Cluster, node: NodeInfo) -> list[str]:
-    # twistd's own options come before the plugin name; the plugin's after it. "--logfile -"
+    """``twistd -n --pidfile P --logfile - bwraft --config C`` under ``cluster.python``."""
+    # twistd's own options come before the plugin name, the plugin's after it. "--logfile -"
     # sends twistd's log to standard output, which goes to node.log with everything else.
-    return [cluster.python, "-m", "twisted", "-n", "--pidfile", str(node.pidfile),
+    return [cluster.python, "-c", TWISTD_BOOTSTRAP, "-n", "--pidfile", str(node.pidfile),
             "--logfile", "-", "bwraft", "--config", str(node.config)]
 
 
@@ -450,8 +456,8 @@ def wait_for_leader(cluster: Cluster, timeout: float = 30.0, *,
                     clock: Callable[[], float] = time.monotonic) -> str:
     """Wait until the nodes ``among`` (default: every running node) answer and agree on a leader.
 
-    Every listed voter must name the same leader, which must call itself leader; every listed
-    helper must answer its status.
+    Every listed voter must name the same leader, which must answer and call itself leader;
+    every listed helper must answer its status.
 
     Returns:
         The leader's id.
@@ -474,7 +480,14 @@ def wait_for_leader(cluster: Cluster, timeout: float = 30.0, *,
         leaders = {(seen[v] or {}).get("leader") for v in voters}
         if all(seen.values()) and len(leaders) == 1:
             leader = leaders.pop()
-            if leader and (leader not in seen or _is_leader(seen[leader])):
+            # Followers keep naming a dead leader until they time out: ask the leader itself.
+            if leader in seen:
+                leader_status = seen[leader]
+            elif leader in cluster.nodes:
+                leader_status = fetch_status(cluster.nodes[leader].api)
+            else:
+                leader_status = None
+            if leader_status and _is_leader(leader_status):
                 return str(leader)
         if clock() >= give_up_at:
             views = ", ".join(f"{node_id}: {_summary(status)}" for node_id, status in seen.items())

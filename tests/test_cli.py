@@ -28,7 +28,8 @@ STAND_IN = """#!{python}
 import json, os, signal, sys, tomllib
 from http.server import BaseHTTPRequestHandler, HTTPServer
 args = sys.argv[1:]
-assert args[:3] == ["-m", "twisted", "-n"] and args[args.index("--logfile") + 1] == "-"
+assert args[0] == "-c" and "twistd" in args[1] and args[2] == "-n", args
+assert args[args.index("--logfile") + 1] == "-"
 assert args[args.index("--logfile") + 2] == "bwraft", args
 pidfile, config = args[args.index("--pidfile") + 1], args[args.index("--config") + 1]
 if os.environ.get("STAND_IN_EXIT"):
