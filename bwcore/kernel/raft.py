@@ -7,9 +7,9 @@ Section numbers refer to the Raft paper (Ongaro & Ousterhout, 2014) unless they 
 
 from __future__ import annotations
 
-import random
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 from bwcore.kernel.log import RaftLog
 from bwcore.kernel.progress import (
@@ -35,6 +35,12 @@ from bwcore.kernel.types import (
 )
 
 TRANSFER = b"transfer"  # context of a campaign started by TIMEOUT_NOW
+
+
+class Rng(Protocol):
+    """The randomness the kernel needs, injected (a ``random.Random`` will do)."""
+
+    def randrange(self, stop: int) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,7 @@ class _ReadRound:
 
 
 class Raft:
-    def __init__(self, cfg: KernelConfig, rng: random.Random, hard_state: HardState,
+    def __init__(self, cfg: KernelConfig, rng: Rng, hard_state: HardState,
                  snapshot: Snapshot | None, entries: list[Entry], bootstrap: ConfState) -> None:
         self.cfg = cfg
         self.id = cfg.id

@@ -8,12 +8,11 @@ appends while it persists the same entries (dissertation §10.2.1).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bwcore.kernel.raft import KernelConfig, Raft
+from bwcore.kernel.raft import KernelConfig, Raft, Rng
 from bwcore.kernel.types import (
     RESPONSES_AFTER_PERSIST,
     ConfChange,
@@ -76,7 +75,7 @@ class Ready:
 class RawNode:
     """One node's kernel. Not thread-safe: drive it from one thread (the reactor)."""
 
-    def __init__(self, cfg: KernelConfig, rng: random.Random,
+    def __init__(self, cfg: KernelConfig, rng: Rng,
                  state: PersistedStateLike | None = None,
                  bootstrap: ConfState = ConfState()) -> None:
         state = state or EmptyState()

@@ -81,6 +81,7 @@ class SimNode:
         self.served_reads: list[tuple[bytes, int]] = []
         self.commit_seen = 0
         self.voters_before: frozenset[str] = frozenset()
+        self.in_flight: Ready | None = None
         self.start()
 
     @property
@@ -96,6 +97,8 @@ class SimNode:
         self.pending.clear()
         self.reads.clear()
         self.commit_seen = 0
+        self.in_flight = None
+        self.voters_before = self.raw.conf.voters
         for h in self.net.helpers:
             self.raw.add_helper(h)
         self.process()
@@ -105,59 +108,72 @@ class SimNode:
         eager messages left but before it was persisted."""
         if self.raw is None:
             return
-        if torn and self.raw.has_ready():
+        if torn and self.in_flight is None and self.raw.has_ready():
             rd = self.raw.ready()
             for m in rd.messages:
                 self.net.send(m)
         self.raw = None
+        self.in_flight = None
 
     def process(self) -> None:
+        """Handle Readies. With the network's ``async_persist``, a Ready's eager messages
+        leave at once and the rest waits for :meth:`finish_persist` — meanwhile the node keeps
+        stepping messages, as a real driver does while its storage thread fsyncs."""
         raw = self.raw
-        net = self.net
-        chk = net.checker
-        while raw is not None and raw.has_ready():
+        while raw is not None and self.in_flight is None and raw.has_ready():
             rd = raw.ready()
             if rd.soft_state is not None and rd.soft_state.role is StateRole.LEADER:
-                chk.on_leader(self.id, raw.term, raw)
+                self.net.checker.on_leader(self.id, raw.term, raw)
                 # Only commits this leader decides are checked against its quorum below.
                 self.commit_seen = max(self.commit_seen, raw.commit_index)
-            for m in rd.messages:
-                net.send(m)
             if rd.entries:
                 first = rd.entries[0].index
                 prev = raw.term_at(first - 1)
-                chk.on_persist(self.id, rd.entries, prev if prev is not None else 0)
-            self.storage.save(rd)
-            for m in rd.persisted_messages:
-                net.send(m)
-            if rd.snapshot is not None:
-                meta = rd.snapshot.meta
-                chk.on_snapshot_install(self.id, meta.index, meta.term)
-                self.state = pickle.loads(rd.snapshot.data) if rd.snapshot.data else []
-                self.applied = meta.index
-            for e in rd.committed_entries:
-                chk.on_apply(self.id, e)
-                if e.type is EntryType.NORMAL and e.data:
-                    self.state.append(e.data)
-                self.applied = e.index
-                t = self.pending.pop(e.index, None)
-                if t == e.term:
-                    chk.on_ack(e.index)
-                    net.acked.append((self.id, e.index, e.data))
-            for rs in rd.read_states:
-                began = self.reads.pop(rs.context, None)
-                if began is not None:
-                    chk.on_read(self.id, rs.index, began)
-                    self.served_reads.append((rs.context, rs.index))
-            raw.advance(rd)
-            if raw.role is StateRole.LEADER and raw.commit_index > self.commit_seen:
-                self.commit_seen = raw.commit_index
-                # The commit was decided under the configuration before this step, or (after a
-                # change committed in this step) under the new one.
-                chk.on_commit(self.id, raw.commit_index, raw.term_at(raw.commit_index),
-                              (self.voters_before, raw.conf.voters), net.durable_term_at)
-        if raw is not None:
-            self.voters_before = raw.conf.voters
+                self.net.checker.on_persist(self.id, rd.entries, prev if prev is not None else 0)
+            for m in rd.messages:
+                self.net.send(m)
+            self.in_flight = rd
+            if self.net.async_persist and rd.must_persist():
+                return
+            self.finish_persist()
+
+    def finish_persist(self) -> None:
+        rd, raw = self.in_flight, self.raw
+        if rd is None or raw is None:
+            return
+        self.in_flight = None
+        net, chk = self.net, self.net.checker
+        self.storage.save(rd)
+        for m in rd.persisted_messages:
+            net.send(m)
+        if rd.snapshot is not None:
+            meta = rd.snapshot.meta
+            chk.on_snapshot_install(self.id, meta.index, meta.term)
+            self.state = pickle.loads(rd.snapshot.data) if rd.snapshot.data else []
+            self.applied = meta.index
+        for e in rd.committed_entries:
+            chk.on_apply(self.id, e)
+            if e.type is EntryType.NORMAL and e.data:
+                self.state.append(e.data)
+            self.applied = e.index
+            t = self.pending.pop(e.index, None)
+            if t == e.term:
+                chk.on_ack(e.index)
+                net.acked.append((self.id, e.index, e.data))
+        for rs in rd.read_states:
+            began = self.reads.pop(rs.context, None)
+            if began is not None:
+                chk.on_read(self.id, rs.index, began)
+                self.served_reads.append((rs.context, rs.index))
+        raw.advance(rd)
+        if raw.role is StateRole.LEADER and raw.commit_index > self.commit_seen:
+            self.commit_seen = raw.commit_index
+            # The commit was decided under the configuration before this step, or (after a
+            # change committed in this step) under the new one.
+            chk.on_commit(self.id, raw.commit_index, raw.term_at(raw.commit_index),
+                          (self.voters_before, raw.conf.voters), net.durable_term_at)
+        self.voters_before = raw.conf.voters
+        self.process()
 
 
 class SimNetwork:
@@ -169,17 +185,21 @@ class SimNetwork:
         helpers: ids of non-voting helpers fed by the leader (observers).
         router: called with each message sent; returning True means it took the message over
             (the hook a secretary uses to relay appends).
+        async_persist: Readies are persisted only when :meth:`persist_random` or
+            :meth:`stabilize` says so, not at once.
         **kernel: KernelConfig fields applied to every node.
     """
 
     def __init__(self, voters: Iterable[str], seed: int = 0, *, helpers: Iterable[str] = (),
-                 router: Callable[[Message], bool] | None = None, **kernel) -> None:
+                 router: Callable[[Message], bool] | None = None, async_persist: bool = False,
+                 **kernel) -> None:
         self.rng = random.Random(seed)
         self.checker = SafetyChecker()
         self.voters = tuple(voters)
         self.helpers = tuple(helpers)
         self.non_voters = frozenset(self.helpers)
         self.router = router
+        self.async_persist = async_persist
         self.inflight: list[Message] = []
         self.cut: set[tuple[str, str]] = set()
         self.isolated: set[str] = set()
@@ -239,10 +259,24 @@ class SimNetwork:
         self.deliver(self.inflight.pop())
         return True
 
+    def persist_random(self) -> bool:
+        """Finish one node's in-flight Ready (its fsync completes)."""
+        waiting = [n for n in self.nodes.values() if n.in_flight is not None]
+        if not waiting:
+            return False
+        self.rng.choice(waiting).finish_persist()
+        return True
+
     def stabilize(self, max_messages: int = 100_000) -> int:
-        """Deliver in order until nothing is in flight; returns how many were delivered."""
+        """Persist and deliver in order until nothing is in flight; returns how many messages
+        were delivered."""
         n = 0
-        while self.inflight and n < max_messages:
+        while n < max_messages:
+            for node in self.nodes.values():
+                node.finish_persist()
+                node.process()
+            if not self.inflight:
+                break
             batch, self.inflight = self.inflight, []
             for m in batch:
                 self.deliver(m)
@@ -311,6 +345,13 @@ class SimNetwork:
                     return lead
             self.tick()
         raise AssertionError("no leader elected")
+
+    def campaign(self, node_id: str) -> None:
+        """Make ``node_id`` start an election now."""
+        node = self.nodes[node_id]
+        if node.raw is not None:
+            node.raw.campaign()
+            node.process()
 
     def propose(self, node_id: str, data: bytes) -> int | None:
         node = self.nodes[node_id]

@@ -34,10 +34,11 @@ class ScheduleStats:
 
 
 def run_schedule(seed: int, steps: int = 400, *, voters: int = 3, spares: int = 1,
-                 helpers: int = 1, verbose: bool = False) -> ScheduleStats:
+                 helpers: int = 1, verbose: bool = False, **kernel) -> ScheduleStats:
     names = [f"n{i}" for i in range(1, voters + 1)]
     helper_names = [f"o{i}" for i in range(1, helpers + 1)]
-    net = SimNetwork(names, seed, helpers=helper_names, election_tick=6, max_inflight=8)
+    kernel = {"election_tick": 6, "max_inflight": 8, **kernel}
+    net = SimNetwork(names, seed, helpers=helper_names, async_persist=True, **kernel)
     for i in range(spares):
         net.add_node(f"s{i + 1}")
     rng = net.rng
@@ -54,9 +55,11 @@ def run_schedule(seed: int, steps: int = 400, *, voters: int = 3, spares: int = 
 
     for st.steps in range(1, steps + 1):
         r = rng.random()
-        if r < 0.45:
+        if r < 0.35:
             if not net.deliver_random():
                 net.tick(rng.choice(live()) if live() else None)
+        elif r < 0.45:
+            net.persist_random()
         elif r < 0.60:
             net.tick(rng.choice(list(net.nodes)))
         elif r < 0.72:
