@@ -12,3 +12,11 @@ def pytest_addoption(parser):
                     help="steps per randomized kernel schedule (default 400)")
     group.addoption("--sim-first-seed", type=int, default=0,
                     help="first seed of the randomized kernel schedules")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Say how much the randomized kernel schedules covered (set by that test)."""
+    summary = getattr(config, "bwraft_schedule_summary", None)
+    if summary:
+        terminalreporter.write_sep("-", "randomized kernel schedules")
+        terminalreporter.write_line(summary)

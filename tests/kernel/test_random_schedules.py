@@ -48,6 +48,6 @@ def test_randomized_schedules(request, record_property):
                f"{total.reads_served} linearizable reads checked, {total.conf_changes} "
                f"configuration changes, {total.checks} invariant checks")
     record_property("coverage", summary)
-    print("\n" + summary)
+    request.config.bwraft_schedule_summary = summary
     assert total.steps == seeds * request.config.getoption("--sim-steps")
     assert total.acked > seeds and total.reads_served > 0 and total.conf_changes > 0
