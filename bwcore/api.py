@@ -6,7 +6,7 @@ Routes (the contract in ARCHITECTURE.md, "Client-facing contract")::
     GET    /v1/kv/{key}?consistency=linearizable|stale                    -> {"value", "index"}
     DELETE /v1/kv/{key}        optional {"request_id"?: str}              -> {"index", "deleted"}
     POST   /v1/kv/{key}/cas    {"expect": str|null, "value": str|null, "request_id"?: str}
-                                                                          -> {"ok", "value", "index"}
+                                                              -> {"ok", "value", "index"}
     GET    /v1/status          the node's status()
     GET    /v1/members         the gossip view (``node.members()``; ``[]`` without gossip)
     GET    /metrics            Prometheus text format of ``node.registry``
@@ -24,6 +24,7 @@ interaction").
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -91,7 +92,7 @@ def _json_default(value: Any) -> Any:
         return sorted(value, key=str)
     if hasattr(value, "__dataclass_fields__"):
         return {name: getattr(value, name) for name in value.__dataclass_fields__}
-    if hasattr(value, "value") and hasattr(value, "name"):  # an Enum member
+    if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
@@ -388,7 +389,8 @@ class ApiResource(Resource):
             raise ApiError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
         if not raw.strip():
             if required:
-                raise ApiError(400, f"body must be a JSON object with {', '.join(sorted(required))}")
+                fields = ", ".join(sorted(required))
+                raise ApiError(400, f"body must be a JSON object with {fields}")
             return {}, b""
         try:
             body = json.loads(raw)
