@@ -36,6 +36,7 @@ from bwcore.kernel import (
     ConfState,
     Entry,
     EntryType,
+    HardState,
     KernelConfig,
     Message,
     MessageType,
@@ -169,6 +170,10 @@ class RaftNode(MultiService):
         self._ready_call: Any = None
         self._saving = False
         self._idle_waiters: list[Deferred[None]] = []
+        # Term and vote as last handed to storage, and a newer hard state whose only change is
+        # the commit index, which rides along with the next save (see _process_ready).
+        self._saved_hard_state = HardState()
+        self._unsaved_hard_state: HardState | None = None
         # Proposals waiting for their entry to apply, by log index.
         self._proposals: dict[int, _Proposal] = {}
         # ReadIndex: callers of this turn, requests in flight by context, and confirmed read
@@ -216,6 +221,7 @@ class RaftNode(MultiService):
             raise ConfigError(f"{config.source or '<config>'}: no plugin provides storage"
                               " (is sql-storage installed?)")
         state = await self._writer.run(self.storage.load)
+        self._saved_hard_state = state.hard_state
         self.state_machine = hook.bwraft_create_state_machine(config=config)
         if self.state_machine is None:
             raise ConfigError(f"{config.source or '<config>'}: no plugin provides a state"
@@ -290,6 +296,10 @@ class RaftNode(MultiService):
         if self.transport is not None:
             await self.transport.stop()
         if self.storage is not None:
+            if self._unsaved_hard_state is not None and not self._halted:
+                # Keep the commit index for a quicker restart (replay up to it at once).
+                unsaved, self._unsaved_hard_state = self._unsaved_hard_state, None
+                await self._writer.run(self.storage.save, unsaved, (), None)
             await self._writer.run(self.storage.close)
         self._writer.stop()
         self.log.info("node_stopped")
@@ -523,12 +533,25 @@ class RaftNode(MultiService):
         if rd.soft_state is not None:
             self._soft_state_changed(rd.soft_state)
         self._send(rd.messages)
-        if not rd.must_persist():
+        hard_state = rd.hard_state
+        if hard_state is not None and not rd.entries and rd.snapshot is None \
+                and (hard_state.term, hard_state.vote) == (self._saved_hard_state.term,
+                                                           self._saved_hard_state.vote):
+            # Only the commit index moved. It need not be durable before anything (Raft
+            # Figure 2 lists commitIndex as volatile state; after a restart the leader tells
+            # us again), so it waits for the next save instead of costing an fsync of its own.
+            self._unsaved_hard_state, hard_state = hard_state, None
+        if hard_state is None and not rd.entries and rd.snapshot is None:
             self._finish_ready(rd, started)
             return
+        if hard_state is None:
+            hard_state, self._unsaved_hard_state = self._unsaved_hard_state, None
+        else:
+            self._unsaved_hard_state = None
+            self._saved_hard_state = hard_state
         self._saving = True
         stall = self._timer() - started
-        d = self._writer.run(self._save, rd.hard_state, rd.entries, rd.snapshot)
+        d = self._writer.run(self._save, hard_state, rd.entries, rd.snapshot)
         d.addCallbacks(self._persisted, self._save_failed, callbackArgs=(rd, stall))
 
     def _save(self, hard_state: Any, entries: Sequence[Entry], snapshot: Snapshot | None

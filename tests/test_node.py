@@ -383,6 +383,24 @@ def test_group_commit_one_save_per_turn_and_per_save_in_flight() -> None:
     assert len(h.machine.data) == 80
 
 
+def test_commit_index_alone_costs_no_save_of_its_own() -> None:
+    """A Ready whose only durable change is the commit index is not waited for (Raft Fig. 2:
+    commitIndex is volatile); the index rides along with the next save and the final stop."""
+    h = make_harness()
+    elect_single(h)
+    h.settle()
+    saves = len(h.storage.saves)
+    resolved_now(h, h.propose(b"a=1"))
+    h.ticks(5)
+    assert len(h.storage.saves) == saves + 1  # the entry; its commit was not saved alone
+    committed = h.node.kernel.commit_index
+    assert h.storage.hard_state.commit < committed
+    resolved_now(h, h.propose(b"b=2"))
+    assert h.storage.hard_state.commit >= committed  # carried by the next entry's save
+    resolved(h.node.stopService())
+    assert h.storage.hard_state.commit == h.node.kernel.commit_index
+
+
 def test_read_barrier_shares_one_read_index_per_turn() -> None:
     h = make_harness()
     elect_single(h)
