@@ -27,7 +27,6 @@ from zope.interface import implementer
 
 from bwcore.codec import (
     DEFAULT_MAX_FRAME_BYTES,
-    MAC_BYTES,
     FrameDecoder,
     FrameError,
     Hello,
@@ -181,14 +180,21 @@ class _WhenLost:
 # Outbound
 # --------------------------------------------------------------------------------------
 
+class _PeerProtocol(Protocol):
+    """A peer connection whose closing can be awaited."""
+
+    def __init__(self) -> None:
+        self.when_lost = _WhenLost()
+
+
 @implementer(IPushProducer)
-class _OutboundProtocol(Protocol):
+class _OutboundProtocol(_PeerProtocol):
     """Writes one peer's queue; paused by TCP flow control when the socket buffer is full."""
 
     def __init__(self, link: _PeerLink) -> None:
+        super().__init__()
         self.link = link
         self.paused = False
-        self.when_lost = _WhenLost()
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
@@ -276,7 +282,8 @@ class _PeerLink:
         self.factory = self.connector = None
         self.protocol = protocol
         self.connected_at = self.owner.reactor.seconds()
-        self.owner.log.debug("peer_connected", peer=self.peer_id, address=f"{self.host}:{self.port}")
+        self.owner.log.debug("peer_connected", peer=self.peer_id,
+                             address=f"{self.host}:{self.port}")
         self.flush(first=[self.owner.hello_frame])
 
     def connect_failed(self, factory: _OutboundFactory, reason: Failure) -> None:
@@ -325,6 +332,9 @@ class _PeerLink:
             self.flush_call = self.owner.reactor.callLater(0, self.flush)
 
     def flush(self, first: list[bytes] | None = None) -> None:
+        """Write the queue (after ``first``) until it is empty or TCP pauses us."""
+        if self.flush_call is not None and self.flush_call.active():
+            self.flush_call.cancel()  # called directly: the scheduled flush is redundant
         self.flush_call = None
         protocol = self.protocol
         if protocol is None:
@@ -370,22 +380,26 @@ class _PeerLink:
 # Inbound
 # --------------------------------------------------------------------------------------
 
-class _InboundProtocol(Protocol):
+class _InboundProtocol(_PeerProtocol):
     """Decodes one accepted connection and hands its frames to ``on_frame``."""
 
     def __init__(self, owner: PeerTransport) -> None:
+        super().__init__()
         self.owner = owner
         self.decoder = FrameDecoder(owner.max_frame_bytes, owner.secret)
         self.peer_id: str | None = None
         self.address = "?"
         self.closing = False
         self.hello_timer: Any = None
-        self.when_lost = _WhenLost()
 
     def connectionMade(self) -> None:
         owner = self.owner
         self.address = _describe(self.transport.getPeer())
-        if owner.stopped or len(owner.inbound) >= owner.max_inbound_connections:
+        if owner.stopped:
+            self.closing = True
+            self.transport.loseConnection()
+            return
+        if len(owner.inbound) >= owner.max_inbound_connections:
             owner.metrics.rejected_frames.labels("too_many_connections").inc()
             owner.log.warning("inbound_refused", address=self.address,
                               limit=owner.max_inbound_connections)
@@ -540,8 +554,9 @@ class PeerTransport:
         if metrics is None:
             metrics = TransportMetrics(registry if registry is not None else CollectorRegistry())
         self.metrics = metrics
-        self.log = log if log is not None else structlog.get_logger("bwcore.transport",
-                                                                     node=node_id)
+        if log is None:
+            log = structlog.get_logger("bwcore.transport", node=node_id)
+        self.log = log
         self.hello_frame = encode_frame(Hello(node_id, cluster_name), secret)
         self.stopped = False
         self.inbound: set[_InboundProtocol] = set()
@@ -653,7 +668,7 @@ class PeerTransport:
         waits: list[defer.Deferred[Any]] = [
             defer.maybeDeferred(port.stopListening) for port in self._ports]
         self._ports = []
-        closing: list[Protocol] = []
+        closing: list[_PeerProtocol] = []
         for link in self._links.values():
             outbound = link.close()
             if outbound is not None:
@@ -661,11 +676,11 @@ class PeerTransport:
         for inbound in list(self.inbound):
             inbound.close()
             closing.append(inbound)
-        waits.extend(p.when_lost.wait() for p in closing)  # type: ignore[attr-defined]
+        waits.extend(p.when_lost.wait() for p in closing)
 
         def abort() -> None:
             for p in closing:
-                if not p.when_lost.lost:  # type: ignore[attr-defined]
+                if not p.when_lost.lost:
                     p.transport.abortConnection()
 
         deadline = self.reactor.callLater(timeout, abort)
@@ -674,6 +689,8 @@ class PeerTransport:
         def finished(result: Any) -> None:
             if deadline.active():
                 deadline.cancel()
+            if isinstance(result, Failure):
+                self.log.error("transport_stop_failed", error=result.getErrorMessage())
 
         done.addBoth(finished)
         return done
