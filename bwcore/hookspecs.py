@@ -171,9 +171,9 @@ def bwraft_route_messages(node: RaftNode, messages: list[Message]) -> None:
     Called on the leader with each batch of outgoing APPEND, SNAPSHOT and HEARTBEAT messages
     (in BW-Raft, secretaries take log synchronization off the leader). An implementation
     removes from ``messages`` (in place) the ones it takes over and feeds the followers'
-    replies back through ``node.step``; the node sends what is left directly. Taking a message over and then
-    losing it is safe (Raft retransmits) but delays that follower. If an implementation
-    raises, the node sends the whole original batch directly.
+    replies back through ``node.step``; the node sends what is left directly. Taking a
+    message over and then losing it is safe (Raft retransmits) but delays that follower. If
+    an implementation raises, the node sends the whole original batch directly.
 
     :param node: The leader.
     :param messages: The batch; mutate it in place.

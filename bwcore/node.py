@@ -165,6 +165,7 @@ class RaftNode(MultiService):
         self._serving = False
         self._driving = False
         self._stopping = False
+        self._stopped = False
         self._halted: str | None = None
         # The Ready loop.
         self._ready_call: Any = None
@@ -221,6 +222,8 @@ class RaftNode(MultiService):
             raise ConfigError(f"{config.source or '<config>'}: no plugin provides storage"
                               " (is sql-storage installed?)")
         state = await self._writer.run(self.storage.load)
+        if self._stopping:  # stopService ran while the state was loading
+            raise Unavailable("node stopped while starting")
         self._saved_hard_state = state.hard_state
         self.state_machine = hook.bwraft_create_state_machine(config=config)
         if self.state_machine is None:
@@ -252,8 +255,6 @@ class RaftNode(MultiService):
         elif not config.is_voter:
             raise ConfigError(f"{config.source or '<config>'}: no plugin runs role"
                               f" {config.role!r}")
-        if self._stopping:
-            return
         self._ticker = task.LoopingCall(self._tick)
         self._ticker.clock = self.reactor
         self._ticker.start(config.tick_ms / 1000, now=False)
@@ -268,6 +269,9 @@ class RaftNode(MultiService):
         self._start_finished(None)
 
     def _start_failed(self, failure: Failure) -> None:
+        if self._stopping:
+            self._start_finished(failure)
+            return
         reason = f"{type(failure.value).__name__}: {failure.value}"
         self.log.critical("node_start_failed", error=reason)
         self._halt(f"start failed: {reason}")
@@ -302,6 +306,7 @@ class RaftNode(MultiService):
                 await self._writer.run(self.storage.save, unsaved, (), None)
             await self._writer.run(self.storage.close)
         self._writer.stop()
+        self._stopped = True
         self.log.info("node_stopped")
 
     async def _hand_over_leadership(self) -> None:
@@ -320,7 +325,8 @@ class RaftNode(MultiService):
         self.log.info("transferring_leadership", target=target, term=kernel.term)
         self._schedule_ready()
         # The kernel gives a transfer one election timeout; wait that long at most.
-        deadline = self.reactor.seconds() + self.config.election_ticks * self.config.tick_ms / 1000
+        timeout = self.config.election_ticks * self.config.tick_ms / 1000
+        deadline = self.reactor.seconds() + timeout
         while kernel.role is StateRole.LEADER and self.reactor.seconds() < deadline \
                 and not self._halted:
             await task.deferLater(self.reactor, self.config.tick_ms / 1000, lambda: None)
@@ -771,7 +777,7 @@ class RaftNode(MultiService):
         if self._halted:
             return "halted"
         if self._stopping:
-            return "stopping"
+            return "stopped" if self._stopped else "stopping"
         return "serving" if self._serving else "starting"
 
     def _add_deadline(self, d: Deferred[Any], timeout: float, what: str,

@@ -31,8 +31,12 @@ gossip = "127.0.0.1:7101"
 api = "[::1]:8001"
 [cluster]
 name = "prod"
-voters = { n1 = { raft = "127.0.0.1:7001", api = "127.0.0.1:8001" }, n2 = { raft = "h2.example:7001" } }
 seeds = ["127.0.0.1:7101", "[::1]:7102"]
+[cluster.voters.n1]
+raft = "127.0.0.1:7001"
+api = "127.0.0.1:8001"
+[cluster.voters.n2]
+raft = "h2.example:7001"
 [security]
 cluster_secret_file = "secret.key"
 admin_token = "t0k"
@@ -124,7 +128,8 @@ def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
 
 
 def test_missing_id(tmp_path: Path) -> None:
-    assert error_of(tmp_path, MINIMAL.replace('id = "n1"\n', "")).endswith("id: missing (required)")
+    message = error_of(tmp_path, MINIMAL.replace('id = "n1"\n', ""))
+    assert message.endswith("id: missing (required)")
 
 
 def test_missing_addresses_table(tmp_path: Path) -> None:

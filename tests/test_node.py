@@ -423,6 +423,20 @@ def test_calls_before_start_are_unavailable() -> None:
     assert h.node.status()["role"] == "starting"
 
 
+def test_stop_while_loading_state_ends_cleanly() -> None:
+    h = make_harness(start=False)
+    h.writer.blocked = True
+    h.node.startService()
+    stopped = h.node.stopService()
+    h.writer.release()  # the load, then the close queued behind it
+    h.writer.release()
+    h.settle()
+    assert resolved(stopped) is None
+    with pytest.raises(Unavailable, match="node stopped while starting"):
+        resolved(h.node.when_started())
+    assert h.storage.closed and h.transports == [] and h.node.status()["state"] == "stopped"
+
+
 def test_empty_and_oversized_proposals_are_refused() -> None:
     h = make_harness(limits={"max_frame_bytes": 8192})
     elect_single(h)
