@@ -30,7 +30,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from bwcore.config import NodeConfig, parse_address
+from bwcore.config import Address, NodeConfig, parse_address
 from bwcore.errors import ConfigError, NotLeader, Unavailable
 from bwcore.kernel import (
     ConfState,
@@ -149,6 +149,7 @@ class RaftNode(MultiService):
         self.state_machine: Any = None
         self.storage: Any = None
         self.transport: Any = None
+        self.gossip: Any = None
         self.raft_port: int | None = None
         self._rng = rng if rng is not None else random.Random(os.urandom(16))
         self._transport_factory = transport_factory or _default_transport
@@ -249,6 +250,8 @@ class RaftNode(MultiService):
         for voter_id, voter in config.cluster.voters.items():
             if voter_id != self.node_id:
                 self.transport.set_peer(voter_id, voter.raft.host, voter.raft.port)
+        if config.addresses.gossip is not None:
+            self._start_gossip()
         role_service = hook.bwraft_role_service(node=self)
         if role_service is not None:
             role_service.setServiceParent(self)
@@ -400,6 +403,16 @@ class RaftNode(MultiService):
         self._add_deadline(d, timeout, "read barrier")
         return await d
 
+    def members(self) -> list[dict[str, Any]]:
+        """The gossip view (``GET /v1/members``); empty when the node runs no gossip."""
+        member = getattr(self.gossip, "member", None)
+        if member is None:
+            return []
+        return [{"id": m.id, "role": m.role, "datacenter": m.datacenter,
+                 "raft_addr": m.raft_addr, "api_addr": m.api_addr, "gossip_addr": m.gossip_addr,
+                 "incarnation": m.incarnation, "state": str(m.state), "tags": dict(m.tags)}
+                for m in member.members()]
+
     def status(self) -> dict[str, Any]:
         """What ``GET /v1/status`` shows.
 
@@ -502,6 +515,27 @@ class RaftNode(MultiService):
                 self.set_peer_address(member_id, address.host, address.port,
                                       api=f"http://{api}" if api else None)
         self._call_hook("bwraft_member_event", node=self, event=event, member=member)
+
+    def _start_gossip(self) -> None:
+        """Join the gossip cluster (SWIM), advertising where this node's services are."""
+        from bwcore.gossip import GossipService, Member
+
+        config = self.config
+        gossip = config.addresses.gossip
+        assert gossip is not None and self.raft_port is not None
+        api = config.addresses.api
+        local = Member(
+            id=self.node_id, role=config.role, datacenter=config.datacenter,
+            raft_addr=str(_advertised(config.addresses.raft.host, self.raft_port, gossip.host)),
+            api_addr=str(_advertised(api.host, api.port, gossip.host)) if api.port else "",
+            gossip_addr=str(gossip))
+        self.gossip = GossipService(
+            self.reactor, local, seeds=[str(seed) for seed in config.cluster.seeds],
+            secret=config.security.cluster_secret, registry=self.registry,
+            rng=random.Random(self._rng.getrandbits(64)),
+            logger=self.log.bind(logger="bwcore.gossip"))
+        self.gossip.add_listener(self.member_event)
+        self.gossip.setServiceParent(self)
 
     # -- the Ready loop ----------------------------------------------------------------------
 
@@ -843,6 +877,13 @@ class RaftNode(MultiService):
         except Exception:
             self.log.exception("plugin_hook_failed", hook=name)
             return None
+
+
+def _advertised(host: str, port: int, fallback_host: str) -> Address:
+    """The address peers should dial: a wildcard bind host is replaced by ``fallback_host``."""
+    if host in ("0.0.0.0", "::") and fallback_host not in ("0.0.0.0", "::"):
+        host = fallback_host
+    return Address(host, port)
 
 
 def _default_transport(node: RaftNode) -> Any:
