@@ -217,6 +217,7 @@ class RaftNode(MultiService):
     async def start(self) -> None:
         """Open storage, load state, build everything, start ticking. Called by startService."""
         config, hook = self.config, self.host.hook
+        self.host.check_pending()
         self._writer.start()
         self.storage = hook.bwraft_open_storage(config=config)
         if self.storage is None:
@@ -236,7 +237,9 @@ class RaftNode(MultiService):
         kernel_config = KernelConfig(
             id=config.id, election_tick=config.election_ticks,
             heartbeat_tick=config.heartbeat_ticks, pre_vote=True, check_quorum=True,
-            non_voting=not config.is_voter)
+            non_voting=not config.is_voter,
+            # An append must fit in one frame, or the peer transport can never deliver it.
+            max_append_bytes=min(1 << 20, config.limits.max_frame_bytes // 2))
         self.kernel = RawNode(kernel_config, self._rng, state=state,
                               bootstrap=ConfState(voters=frozenset(config.cluster.voters)))
         # Read contexts must not collide with those of an earlier run of this node, whose

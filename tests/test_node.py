@@ -817,6 +817,18 @@ def test_helper_role_without_a_plugin_fails_to_start() -> None:
     assert h.node.status()["state"] == "halted" and reasons
 
 
+class Misspelled:
+    @hookimpl
+    def bwraft_node_startd(self, node: RaftNode) -> None:
+        """Never called: no such hook."""
+
+
+def test_start_checks_for_misspelled_hooks() -> None:
+    h = make_harness(plugins=(("typo", Misspelled()),))
+    with pytest.raises(ConfigError, match="plugin 'typo'.*bwraft_node_startd"):
+        resolved(h.node.when_started())
+
+
 # -- three real nodes over loopback TCP ----------------------------------------------------------
 
 
