@@ -346,6 +346,11 @@ class SwimMember:
         return self._joined
 
     @property
+    def pending_updates(self) -> int:
+        """Updates still waiting to be piggybacked (memberlist's queue depth)."""
+        return len(self._broadcasts)
+
+    @property
     def running(self) -> bool:
         """Started, and neither stopped nor done leaving."""
         return self._running
@@ -431,6 +436,8 @@ class SwimMember:
                      raft_addr: str | None = None, api_addr: str | None = None,
                      tags: Mapping[str, str] | None = None) -> Member:
         """Change this member's metadata; a higher incarnation carries it to everyone."""
+        if self._leaving:
+            raise RuntimeError("a leaving member cannot change its metadata")
         changes: dict[str, Any] = {k: v for k, v in (
             ("role", role), ("datacenter", datacenter), ("raft_addr", raft_addr),
             ("api_addr", api_addr)) if v is not None}

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import random
 import statistics
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Callable
 
 import msgpack
 import pytest
 from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry
-from twisted.internet import task
+from twisted.internet import defer, task
+from twisted.trial import unittest as trial
 
-from bwcore.gossip import GossipConfig, GossipEvent, Member, MemberState, SwimMember
+from bwcore.gossip import GossipConfig, GossipService, Member, MemberState, SwimMember
 from bwcore.gossip_codec import (
     Ack, Alive, Datagram, Dead, Left, Nack, Ping, PingReq, PushPull, Suspect, WireCodec,
     encode_message, encode_update,
@@ -651,3 +652,64 @@ def test_detection_time_median_is_stable_across_seeds() -> None:
                                        timeout=20))
     assert statistics.median(times) < 6
     print("detection times", [round(t, 2) for t in times])
+
+
+# --- over real UDP ----------------------------------------------------------------------------
+
+class RealUdpTests(trial.TestCase):
+    """Two members on 127.0.0.1, each on a port the OS chose, run by the real reactor."""
+
+    timeout = 30
+
+    def test_two_members_join_and_leave_over_udp(self) -> defer.Deferred[None]:
+        """B joins through A's address, both see each other alive, B leaves and A sees it."""
+        return defer.Deferred.fromCoroutine(self._join_and_leave())
+
+    async def _join_and_leave(self) -> None:
+        from twisted.internet import reactor
+
+        config = GossipConfig(protocol_period=0.05, probe_timeout=0.025, leave_timeout=2.0)
+
+        def local(name: str) -> Member:
+            return Member(id=name, role="voter", datacenter="dc1", raft_addr="127.0.0.1:7000",
+                          api_addr="", gossip_addr="127.0.0.1:0")
+
+        registry = CollectorRegistry()
+        service_a = GossipService(reactor, local("a"), config=config, secret=SECRET,
+                                  rng=random.Random(1), registry=registry)
+        events: list[tuple[str, str]] = []
+        service_a.add_listener(lambda event, m: events.append((event, m.id)))
+        service_a.startService()
+        a = service_a.member
+        assert a is not None
+        self.addCleanup(lambda: service_a.running and service_a.stopService())
+        assert a.local.gossip_addr != "127.0.0.1:0"
+
+        service_b = GossipService(reactor, local("b"), config=config, secret=SECRET,
+                                  rng=random.Random(2), seeds=[a.local.gossip_addr])
+        service_b.startService()
+        b = service_b.member
+        assert b is not None
+        self.addCleanup(lambda: service_b.running and service_b.stopService())
+        await b.when_joined()
+        await until(reactor, lambda: a.member("b") is not None and b.member("a") is not None
+                    and a.member("b").state is ALIVE and b.member("a").state is ALIVE)
+        # Some probe round trips, to show the failure detector runs over the socket.
+        acks_before = a.stats.received_datagrams
+        await until(reactor, lambda: a.stats.received_datagrams > acks_before + 10)
+        assert a.member("b").state is ALIVE and events == [("joined", "b")]
+        assert registry.get_sample_value("bwraft_gossip_members", {"state": "alive"}) == 2.0
+
+        await service_b.stopService()
+        await until(reactor, lambda: a.member("b").state is LEFT)
+        assert events == [("joined", "b"), ("left", "b")]
+        await service_a.stopService()
+        assert not a.running and a.stats.dropped == {}
+
+
+async def until(reactor: object, condition: Callable[[], bool], limit: float = 10.0) -> None:
+    """Poll ``condition`` on the reactor's clock every 10 ms until it holds."""
+    deadline = reactor.seconds() + limit
+    while not condition():
+        assert reactor.seconds() < deadline, "condition not reached in time"
+        await task.deferLater(reactor, 0.01, lambda: None)
