@@ -132,8 +132,9 @@ class SqlStorage:
     def __init__(self, url: str) -> None:
         try:
             parsed = make_url(url)
-        except ArgumentError as exc:
-            raise StorageError(f"{url!r}: not a database URL ({exc})") from exc
+        except (ArgumentError, ValueError) as exc:
+            # The text may hold a password: name the setting, not its value.
+            raise StorageError(f"storage url: not a database URL ({exc})") from exc
         self._where = _describe(parsed)
         self._is_sqlite = parsed.get_backend_name() == "sqlite"
         if not self._is_sqlite and parsed.get_backend_name() != "postgresql":

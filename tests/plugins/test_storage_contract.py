@@ -267,7 +267,9 @@ def test_unwritable_location_is_refused(tmp_path) -> None:
     storage.close()
 
 
-@pytest.mark.parametrize("url", ["mysql://u:p@localhost/db", "not a url"])
+@pytest.mark.parametrize(
+    "url", ["mysql://u:p@localhost/db", "not a url", "postgresql://u:p@localhost:port/db"]
+)
 def test_unsupported_url_is_refused(url: str) -> None:
     """Only SQLite and PostgreSQL URLs are accepted; the message hides no password."""
     with pytest.raises(StorageError) as caught:
