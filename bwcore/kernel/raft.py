@@ -327,6 +327,8 @@ class Raft:
                 self.read_states.append(ReadState(m.index, m.context))
 
     def _handle_append(self, m: Message) -> None:
+        if not _well_formed_append(m):
+            return  # a buggy or hostile sender: never let it reach the log
         if m.index < self.log.committed:
             self.send(Message(MT.APPEND_RESP, m.frm, self.id, self.term, index=self.log.committed))
             return
@@ -652,3 +654,16 @@ class Raft:
             me = self.prs.get(self.id)
             if me is not None and me.maybe_update(self.log.stable) and self.maybe_commit():
                 self.bcast_append()
+
+
+def _well_formed_append(m: Message) -> bool:
+    """Entries follow ``m.index`` contiguously, with terms no older than the previous entry's
+    and no newer than the sender's."""
+    if m.index < 0 or m.commit < 0 or m.log_term < 0:
+        return False
+    prev_index, prev_term = m.index, m.log_term
+    for e in m.entries:
+        if e.index != prev_index + 1 or e.term < prev_term or e.term > m.term:
+            return False
+        prev_index, prev_term = e.index, e.term
+    return True
