@@ -9,7 +9,7 @@ CLUSTER ?= cluster
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip 'setuptools>=68' wheel
 
 install: $(BIN)/python
 	$(BIN)/python -m pip install -q '.[test]'
