@@ -33,6 +33,7 @@ from twisted.python.threadpool import ThreadPool
 from bwcore.config import Address, NodeConfig, parse_address
 from bwcore.errors import ConfigError, NotLeader, Unavailable
 from bwcore.kernel import (
+    ConfChange,
     ConfState,
     Entry,
     EntryType,
@@ -498,6 +499,60 @@ class RaftNode(MultiService):
         if self.kernel is not None:
             self.kernel.remove_helper(node_id)
             self._schedule_ready()
+
+    def report_snapshot_failed(self, node_id: str) -> None:
+        """A snapshot sent to ``node_id`` did not arrive: the leader probes and resends (§7)."""
+        if self.kernel is not None and self._driving:
+            self.kernel.report_snapshot_failed(node_id)
+            self._schedule_ready()
+
+    def transfer_leader(self, to: str) -> None:
+        """Start handing leadership to the voter ``to`` (dissertation §3.10).
+
+        The kernel stops taking proposals, brings ``to`` up to date, sends it TIMEOUT_NOW, and
+        abandons the transfer after an election timeout.
+
+        Raises:
+            NotLeader: This node is not the leader.
+            Unavailable: ``to`` is not another voter, or the node is not serving.
+        """
+        kernel = self._serving_kernel()
+        if kernel.role is not StateRole.LEADER:
+            raise NotLeader(kernel.leader, self.leader_api())
+        try:
+            kernel.transfer_leader(to)
+        except ProposalDropped as exc:
+            raise Unavailable(str(exc)) from None
+        self.log.info("transferring_leadership", target=to, term=kernel.term)
+        self._schedule_ready()
+
+    async def propose_conf_change(self, change: ConfChange, *, timeout: float = 5.0) -> int:
+        """Replicate a single-server configuration change; return its index once applied.
+
+        Raises:
+            NotLeader: This node is not the leader.
+            Unavailable: Another change is pending, the leader has not committed in its term
+                yet, the change does not fit the configuration, timeout, lost leadership.
+        """
+        kernel = self._serving_kernel()
+        if kernel.role is not StateRole.LEADER:
+            raise NotLeader(kernel.leader, self.leader_api())
+        try:
+            index = kernel.propose_conf_change(change)
+        except ProposalDropped as exc:
+            raise Unavailable(str(exc)) from None
+        superseded = self._proposals.pop(index, None)
+        if superseded is not None:
+            _fire(superseded.deferred, Unavailable("lost leadership, retry"))
+        d: Deferred[Any] = Deferred()
+        self._proposals[index] = _Proposal(kernel.term, d, self._timer())
+        self.log.info("conf_change_proposed", change=change.type.name, member=change.node,
+                      index=index, term=kernel.term)
+        self._schedule_ready()
+        self._add_deadline(d, timeout, "configuration change",
+                           lambda: self._forget_proposal(index, d))
+        await d
+        return index
 
     def member_event(self, event: str, member: Any) -> None:
         """A gossip membership change: learn addresses of non-voters, then tell the plugins.
