@@ -441,15 +441,19 @@ class ApiResource(Resource):
         consistency = _query(request, {"consistency"}).get("consistency", "linearizable")
         if consistency not in CONSISTENCY_LEVELS:
             raise ApiError(400, f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")
-        if consistency == "linearizable":
-            # ReadIndex (Raft thesis §6.4): the barrier returns once this node has applied
-            # everything committed when the read arrived, so the local read below is current.
-            try:
+        # ReadIndex (Raft thesis §6.4): a linearizable read waits until this node has applied
+        # everything committed when the read arrived, so the local read below is current. A
+        # plugin (the observer role) may serve that wait, and may refuse a stale read too.
+        read_ready = getattr(self.node, "read_ready", None)
+        try:
+            if read_ready is not None:
+                await read_ready(consistency, timeout=self.request_timeout)
+            elif consistency == "linearizable":
                 await self.node.read_barrier(timeout=self.request_timeout)
-            except NotLeader as exc:
-                return await self._to_leader(request, b"", exc)
-            except Unavailable as exc:
-                raise ApiError(503, exc.reason) from None
+        except NotLeader as exc:
+            return await self._to_leader(request, b"", exc)
+        except Unavailable as exc:
+            raise ApiError(503, exc.reason) from None
         state_machine = self.node.state_machine
         value, index = state_machine.get(key), state_machine.applied_index
         if value is None:

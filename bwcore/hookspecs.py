@@ -26,6 +26,7 @@ import pluggy
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from twisted.application.service import IService
+    from twisted.internet.defer import Deferred
     from twisted.web.resource import IResource
 
     from bwcore.config import NodeConfig
@@ -260,6 +261,36 @@ def bwraft_applied(node: RaftNode, index: int) -> None:
     :param index: The new applied index.
 
     **Mode:** broadcast.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Client reads
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def bwraft_read_barrier(node: RaftNode, consistency: str, timeout: float
+                        ) -> Deferred[int] | None:
+    """Decide when a client read may be served from this node's state machine.
+
+    Called by ``node.read_ready`` for each key-value read (``GET /v1/kv/{key}``) before the
+    value is taken from the local state machine. The built-in ``observer`` plugin answers on
+    observer nodes: it shares one ReadIndex request among concurrent linearizable reads and
+    refuses quickly when the node lags (PROTOCOL.md "Observer"). Without an answer, a
+    ``linearizable`` read waits for ``node.read_barrier`` and a ``stale`` one does not wait.
+    A linearizable answer must fire only once the state machine has applied at least the
+    read index the leader confirmed after the read began (Raft dissertation §6.4).
+
+    :param node: This node.
+    :param consistency: ``"linearizable"`` or ``"stale"``.
+    :param timeout: Seconds the caller waits at most.
+    :return: A Deferred firing with the index the read is served at (errback with
+        :class:`bwcore.errors.Unavailable` for a 503), or None to let the node decide.
+
+    **Mode:** firstresult.
 
     .. versionadded:: 0.1
     """

@@ -96,6 +96,8 @@ class _Proposal:
     term: int
     deferred: Deferred[Any]
     started: float
+    #: The command while it waits for the next Ready to take it into the log.
+    data: bytes = b""
 
 
 def _fire(d: Deferred[Any], result: Any) -> None:
@@ -152,6 +154,13 @@ class RaftNode(MultiService):
         self.transport: Any = None
         self.gossip: Any = None
         self.raft_port: int | None = None
+        #: The fault-injection layer (bwcore.faults), only when the config enables it.
+        self.faults: Any = None
+        if config.faults.enabled:
+            from bwcore.faults import FaultInjector
+
+            self.faults = FaultInjector(config.id, registry=self.registry,
+                                        log=self.log.bind(logger="bwcore.faults"))
         self._rng = rng if rng is not None else random.Random(os.urandom(16))
         self._transport_factory = transport_factory or _default_transport
         self._writer = writer if writer is not None else ThreadedWriter(
@@ -177,7 +186,9 @@ class RaftNode(MultiService):
         # the commit index, which rides along with the next save (see _process_ready).
         self._saved_hard_state = HardState()
         self._unsaved_hard_state: HardState | None = None
-        # Proposals waiting for their entry to apply, by log index.
+        # Proposals of this turn, not yet in the log, and those waiting for their entry to
+        # apply, by log index.
+        self._pending: list[_Proposal] = []
         self._proposals: dict[int, _Proposal] = {}
         # ReadIndex: callers of this turn, requests in flight by context, and confirmed read
         # indexes waiting for the state machine to catch up (a heap by index).
@@ -187,6 +198,7 @@ class RaftNode(MultiService):
         self._read_seq = 0
         self._reads_in_flight: dict[bytes, list[Deferred[int]]] = {}
         self._reads_waiting: list[tuple[int, int, list[Deferred[int]]]] = []
+        self._read_max_lag: dict[Deferred[int], int] = {}  # read_barrier(max_lag=...)
         # Compaction: what applied since the last snapshot, and a snapshot being stored.
         self._log_entries = 0
         self._log_bytes = 0
@@ -248,6 +260,8 @@ class RaftNode(MultiService):
         self._read_prefix = self._rng.getrandbits(64).to_bytes(8, "big")
         hook.bwraft_metrics(registry=self.registry)
         self.transport = self._transport_factory(self)
+        if self.faults is not None:
+            self.transport = self.faults.wrap_transport(self.transport)
         raft = config.addresses.raft
         port = self.transport.listen(raft.host, raft.port)
         self.raft_port = port.getHost().port
@@ -371,41 +385,67 @@ class RaftNode(MultiService):
         if kernel.role is not StateRole.LEADER:
             self.metrics.proposal_failures.labels("not_leader").inc()
             raise NotLeader(kernel.leader, self.leader_api())
-        try:
-            index = kernel.propose(data)
-        except ProposalDropped as exc:
-            self.metrics.proposal_failures.labels("transfer").inc()
-            raise Unavailable(str(exc)) from None
-        superseded = self._proposals.pop(index, None)
-        if superseded is not None:  # its entry was overwritten by one of a newer term
-            _fire(superseded.deferred, Unavailable("lost leadership, retry"))
+        # The command joins the others of this reactor turn (or of the save in flight): the
+        # next Ready appends them with one propose_many, so the leader sends each follower
+        # one append for the batch instead of one per command (see _propose_pending).
         d: Deferred[Any] = Deferred()
-        self._proposals[index] = _Proposal(kernel.term, d, self._timer())
-        self.metrics.proposals.inc()
+        proposal = _Proposal(0, d, self._timer(), data)
+        self._pending.append(proposal)
         self._schedule_ready()
-        self._add_deadline(d, timeout, "proposal", lambda: self._forget_proposal(index, d))
+        self._add_deadline(d, timeout, "proposal", lambda: self._forget_pending(proposal))
         return await d
 
-    async def read_barrier(self, *, timeout: float = 5.0) -> int:
+    async def read_barrier(self, *, timeout: float = 5.0, max_lag: int | None = None) -> int:
         """Wait until a linearizable read may be served locally (ReadIndex, dissertation §6.4).
 
         Concurrent callers in one reactor turn share one kernel ReadIndex request.
+
+        Args:
+            timeout: Seconds to wait in all.
+            max_lag: Give up at once when the confirmed read index is more than this many
+                entries ahead of the applied index, instead of waiting to catch up (a
+                lagging observer answers quickly, PROTOCOL.md "Observer").
 
         Returns:
             The read index: the state machine has applied at least this far.
 
         Raises:
-            Unavailable: No leader known, leader changed, timeout, node not serving.
+            Unavailable: No leader known, leader changed, timeout, too far behind, node not
+                serving.
         """
         kernel = self._serving_kernel()
         if kernel.leader is None:
             raise Unavailable("no leader known")
         d: Deferred[int] = Deferred()
         self._read_batch.append(d)
+        if max_lag is not None:
+            self._read_max_lag[d] = max_lag
+            d.addBoth(self._forget_read_lag, d)
         if self._read_flush is None:
             self._read_flush = self.reactor.callLater(0, self._flush_reads)
         self._add_deadline(d, timeout, "read barrier")
         return await d
+
+    def _forget_read_lag(self, result: Any, d: Deferred[int]) -> Any:
+        self._read_max_lag.pop(d, None)
+        return result
+
+    async def read_ready(self, consistency: str, *, timeout: float = 5.0) -> None:
+        """Wait until a client read of ``consistency`` may be served from the state machine.
+
+        A plugin may serve the wait (``bwraft_read_barrier``: an observer batches its
+        ReadIndex requests and bounds how long a lagging replica waits); otherwise a
+        ``linearizable`` read waits for :meth:`read_barrier` and a ``stale`` one not at all.
+
+        Raises:
+            Unavailable: The read cannot be served now (no leader, timeout, lagging).
+        """
+        barrier = self._call_hook("bwraft_read_barrier", node=self, consistency=consistency,
+                                  timeout=timeout)
+        if barrier is not None:
+            await barrier
+        elif consistency == "linearizable":
+            await self.read_barrier(timeout=timeout)
 
     def members(self) -> list[dict[str, Any]]:
         """The gossip view (``GET /v1/members``); empty when the node runs no gossip."""
@@ -594,11 +634,15 @@ class RaftNode(MultiService):
             logger=self.log.bind(logger="bwcore.gossip"))
         self.gossip.add_listener(self.member_event)
         self.gossip.setServiceParent(self)
+        if self.faults is not None:
+            self.faults.attach_gossip(self.gossip)
 
     # -- the Ready loop ----------------------------------------------------------------------
 
     def on_frame(self, peer: str, obj: Any) -> None:
         """The transport's callback: kernel messages to the kernel, plugin frames to plugins."""
+        if self.faults is not None and self.faults.drops_frame_from(peer):
+            return
         if isinstance(obj, Message):
             self.step(obj)
         elif self._call_hook("bwraft_plugin_frame", node=self, peer=peer, frame=obj) is None:
@@ -624,6 +668,8 @@ class RaftNode(MultiService):
             return
         started = self._timer()
         self._apply_compaction()
+        if self._pending:
+            self._propose_pending(kernel)
         if not kernel.has_ready():
             return
         rd = kernel.ready()
@@ -651,6 +697,37 @@ class RaftNode(MultiService):
         stall = self._timer() - started
         d = self._writer.run(self._save, hard_state, rd.entries, rd.snapshot)
         d.addCallbacks(self._persisted, self._save_failed, callbackArgs=(rd, stall))
+
+    def _propose_pending(self, kernel: RawNode) -> None:
+        """Append this turn's proposals to the log in one batch (group commit)."""
+        batch, self._pending = self._pending, []
+        batch = [p for p in batch if not p.deferred.called]  # timed out while waiting
+        if not batch:
+            return
+        error: Exception | None = None
+        if kernel.role is not StateRole.LEADER:
+            # Leadership was lost since propose() checked: nothing reached the log, so the
+            # caller may send the command to the new leader.
+            self.metrics.proposal_failures.labels("not_leader").inc(len(batch))
+            error = NotLeader(kernel.leader, self.leader_api())
+        else:
+            try:
+                last = kernel.propose_many([p.data for p in batch])
+            except ProposalDropped as exc:
+                self.metrics.proposal_failures.labels("transfer").inc(len(batch))
+                error = Unavailable(str(exc))
+        if error is not None:
+            for p in batch:
+                _fire(p.deferred, error)
+            return
+        term = kernel.term
+        for index, p in enumerate(batch, start=last - len(batch) + 1):
+            superseded = self._proposals.pop(index, None)
+            if superseded is not None:  # its entry was overwritten by one of a newer term
+                _fire(superseded.deferred, Unavailable("lost leadership, retry"))
+            p.term, p.data = term, b""
+            self._proposals[index] = p
+        self.metrics.proposals.inc(len(batch))
 
     def _save(self, hard_state: Any, entries: Sequence[Entry], snapshot: Snapshot | None
               ) -> None:
@@ -685,8 +762,8 @@ class RaftNode(MultiService):
             return
         kernel.advance(rd)
         self._update_gauges()
-        self._queue_reads(rd.read_states)
         applied = kernel.applied_index
+        self._queue_reads(rd.read_states, applied, resolved)
         self._release_reads(applied, resolved)
         self.metrics.ready_reactor_seconds.observe(self._timer() - started)
         # Callers resume only now, after advance(): whatever they do next (propose again)
@@ -696,7 +773,7 @@ class RaftNode(MultiService):
         if rd.committed_entries or rd.snapshot is not None:
             self._call_hook("bwraft_applied", node=self, index=applied)
             self._maybe_snapshot(applied)
-        if kernel.has_ready() or self._compacted is not None:
+        if kernel.has_ready() or self._compacted is not None or self._pending:
             self._schedule_ready()
 
     def _send(self, messages: Sequence[Message]) -> None:
@@ -797,10 +874,19 @@ class RaftNode(MultiService):
         self._reads_in_flight[ctx] = batch
         self._schedule_ready()
 
-    def _queue_reads(self, read_states: Sequence[ReadState]) -> None:
+    def _queue_reads(self, read_states: Sequence[ReadState], applied: int,
+                     resolved: list[tuple[Deferred[Any], Any]]) -> None:
         for rs in read_states:
             waiters = self._reads_in_flight.pop(rs.context, None)
-            if waiters is not None:  # else: an answer to a request we gave up on
+            if waiters is None:  # an answer to a request we gave up on
+                continue
+            lag = rs.index - applied
+            if lag > 0 and self._read_max_lag:
+                error = Unavailable(f"{lag} entries behind the read index, retry elsewhere")
+                resolved.extend((d, error) for d in waiters
+                                if self._read_max_lag.get(d, lag) < lag)
+                waiters = [d for d in waiters if self._read_max_lag.get(d, lag) >= lag]
+            if waiters:
                 heapq.heappush(self._reads_waiting, (rs.index, self._read_seq_of(rs), waiters))
 
     @staticmethod
@@ -890,6 +976,13 @@ class RaftNode(MultiService):
 
         d.addBoth(cancel_timer)
 
+    def _forget_pending(self, proposal: _Proposal) -> None:
+        """A proposal timed out: drop it from the batch, or stop waiting for its entry."""
+        if proposal.term == 0:  # not yet in the log: _propose_pending skips fired ones
+            return
+        self._forget_proposal(next((i for i, p in self._proposals.items() if p is proposal),
+                                   0), proposal.deferred)
+
     def _forget_proposal(self, index: int, d: Deferred[Any]) -> None:
         waiter = self._proposals.get(index)
         if waiter is not None and waiter.deferred is d:
@@ -897,7 +990,8 @@ class RaftNode(MultiService):
 
     def _fail_waiters(self, error: Exception) -> None:
         proposals, self._proposals = self._proposals, {}
-        for waiter in proposals.values():
+        pending, self._pending = self._pending, []
+        for waiter in [*proposals.values(), *pending]:
             _fire(waiter.deferred, error)
         batch, self._read_batch = self._read_batch, []
         waiting, self._reads_waiting = self._reads_waiting, []

@@ -736,6 +736,10 @@ class Recorder:
         self._record("bwraft_member_event", event=event, member=member)
 
     @hookimpl
+    def bwraft_read_barrier(self, node: RaftNode, consistency: str, timeout: float) -> None:
+        self._record("bwraft_read_barrier", consistency=consistency, timeout=timeout)
+
+    @hookimpl
     def bwraft_http_resources(self, node: RaftNode) -> dict[str, str]:
         self._record("bwraft_http_resources")
         return {"recorder": "resource"}
@@ -766,6 +770,7 @@ def test_every_hook_is_called_by_the_node() -> None:
     ack_appends(h)
     assert resolved(d)["key"] == "k"
     h.node.on_frame("n2", PluginFrame("recorder", [1, 2]))
+    resolved(Deferred.fromCoroutine(h.node.read_ready("stale", timeout=1.0)))
     h.node.member_event("joined", Member("obs1", "127.0.0.1:7301", "127.0.0.1:8301"))
     assert h.transport.peers["obs1"] == ("127.0.0.1", 7301)
     assert h.node.host.http_resources(h.node) == {"recorder": "resource"}
@@ -786,6 +791,7 @@ def test_every_hook_is_called_by_the_node() -> None:
     assert recorder.calls["bwraft_transfer_target"] == [{"reason": "shutdown"}]
     assert recorder.calls["bwraft_plugin_frame"][0]["frame"] == PluginFrame("recorder", [1, 2])
     assert recorder.calls["bwraft_metrics"] == [{"registry": h.node.registry}]
+    assert recorder.calls["bwraft_read_barrier"] == [{"consistency": "stale", "timeout": 1.0}]
     assert timeout_now.to == "n2"
 
 
