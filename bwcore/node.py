@@ -96,8 +96,6 @@ class _Proposal:
     term: int
     deferred: Deferred[Any]
     started: float
-    #: The command while it waits for the next Ready to take it into the log.
-    data: bytes = b""
 
 
 def _fire(d: Deferred[Any], result: Any) -> None:
@@ -154,13 +152,6 @@ class RaftNode(MultiService):
         self.transport: Any = None
         self.gossip: Any = None
         self.raft_port: int | None = None
-        #: The fault-injection layer (bwcore.faults), only when the config enables it.
-        self.faults: Any = None
-        if config.faults.enabled:
-            from bwcore.faults import FaultInjector
-
-            self.faults = FaultInjector(config.id, registry=self.registry,
-                                        log=self.log.bind(logger="bwcore.faults"))
         self._rng = rng if rng is not None else random.Random(os.urandom(16))
         self._transport_factory = transport_factory or _default_transport
         self._writer = writer if writer is not None else ThreadedWriter(
@@ -186,9 +177,7 @@ class RaftNode(MultiService):
         # the commit index, which rides along with the next save (see _process_ready).
         self._saved_hard_state = HardState()
         self._unsaved_hard_state: HardState | None = None
-        # Proposals of this turn, not yet in the log, and those waiting for their entry to
-        # apply, by log index.
-        self._pending: list[_Proposal] = []
+        # Proposals waiting for their entry to apply, by log index.
         self._proposals: dict[int, _Proposal] = {}
         # ReadIndex: callers of this turn, requests in flight by context, and confirmed read
         # indexes waiting for the state machine to catch up (a heap by index).
@@ -260,8 +249,6 @@ class RaftNode(MultiService):
         self._read_prefix = self._rng.getrandbits(64).to_bytes(8, "big")
         hook.bwraft_metrics(registry=self.registry)
         self.transport = self._transport_factory(self)
-        if self.faults is not None:
-            self.transport = self.faults.wrap_transport(self.transport)
         raft = config.addresses.raft
         port = self.transport.listen(raft.host, raft.port)
         self.raft_port = port.getHost().port
@@ -385,14 +372,19 @@ class RaftNode(MultiService):
         if kernel.role is not StateRole.LEADER:
             self.metrics.proposal_failures.labels("not_leader").inc()
             raise NotLeader(kernel.leader, self.leader_api())
-        # The command joins the others of this reactor turn (or of the save in flight): the
-        # next Ready appends them with one propose_many, so the leader sends each follower
-        # one append for the batch instead of one per command (see _propose_pending).
+        try:
+            index = kernel.propose(data)
+        except ProposalDropped as exc:
+            self.metrics.proposal_failures.labels("transfer").inc()
+            raise Unavailable(str(exc)) from None
+        superseded = self._proposals.pop(index, None)
+        if superseded is not None:  # its entry was overwritten by one of a newer term
+            _fire(superseded.deferred, Unavailable("lost leadership, retry"))
         d: Deferred[Any] = Deferred()
-        proposal = _Proposal(0, d, self._timer(), data)
-        self._pending.append(proposal)
+        self._proposals[index] = _Proposal(kernel.term, d, self._timer())
+        self.metrics.proposals.inc()
         self._schedule_ready()
-        self._add_deadline(d, timeout, "proposal", lambda: self._forget_pending(proposal))
+        self._add_deadline(d, timeout, "proposal", lambda: self._forget_proposal(index, d))
         return await d
 
     async def read_barrier(self, *, timeout: float = 5.0, max_lag: int | None = None) -> int:
@@ -634,15 +626,11 @@ class RaftNode(MultiService):
             logger=self.log.bind(logger="bwcore.gossip"))
         self.gossip.add_listener(self.member_event)
         self.gossip.setServiceParent(self)
-        if self.faults is not None:
-            self.faults.attach_gossip(self.gossip)
 
     # -- the Ready loop ----------------------------------------------------------------------
 
     def on_frame(self, peer: str, obj: Any) -> None:
         """The transport's callback: kernel messages to the kernel, plugin frames to plugins."""
-        if self.faults is not None and self.faults.drops_frame_from(peer):
-            return
         if isinstance(obj, Message):
             self.step(obj)
         elif self._call_hook("bwraft_plugin_frame", node=self, peer=peer, frame=obj) is None:
@@ -668,8 +656,6 @@ class RaftNode(MultiService):
             return
         started = self._timer()
         self._apply_compaction()
-        if self._pending:
-            self._propose_pending(kernel)
         if not kernel.has_ready():
             return
         rd = kernel.ready()
@@ -697,37 +683,6 @@ class RaftNode(MultiService):
         stall = self._timer() - started
         d = self._writer.run(self._save, hard_state, rd.entries, rd.snapshot)
         d.addCallbacks(self._persisted, self._save_failed, callbackArgs=(rd, stall))
-
-    def _propose_pending(self, kernel: RawNode) -> None:
-        """Append this turn's proposals to the log in one batch (group commit)."""
-        batch, self._pending = self._pending, []
-        batch = [p for p in batch if not p.deferred.called]  # timed out while waiting
-        if not batch:
-            return
-        error: Exception | None = None
-        if kernel.role is not StateRole.LEADER:
-            # Leadership was lost since propose() checked: nothing reached the log, so the
-            # caller may send the command to the new leader.
-            self.metrics.proposal_failures.labels("not_leader").inc(len(batch))
-            error = NotLeader(kernel.leader, self.leader_api())
-        else:
-            try:
-                last = kernel.propose_many([p.data for p in batch])
-            except ProposalDropped as exc:
-                self.metrics.proposal_failures.labels("transfer").inc(len(batch))
-                error = Unavailable(str(exc))
-        if error is not None:
-            for p in batch:
-                _fire(p.deferred, error)
-            return
-        term = kernel.term
-        for index, p in enumerate(batch, start=last - len(batch) + 1):
-            superseded = self._proposals.pop(index, None)
-            if superseded is not None:  # its entry was overwritten by one of a newer term
-                _fire(superseded.deferred, Unavailable("lost leadership, retry"))
-            p.term, p.data = term, b""
-            self._proposals[index] = p
-        self.metrics.proposals.inc(len(batch))
 
     def _save(self, hard_state: Any, entries: Sequence[Entry], snapshot: Snapshot | None
               ) -> None:
@@ -773,7 +728,7 @@ class RaftNode(MultiService):
         if rd.committed_entries or rd.snapshot is not None:
             self._call_hook("bwraft_applied", node=self, index=applied)
             self._maybe_snapshot(applied)
-        if kernel.has_ready() or self._compacted is not None or self._pending:
+        if kernel.has_ready() or self._compacted is not None:
             self._schedule_ready()
 
     def _send(self, messages: Sequence[Message]) -> None:
@@ -976,13 +931,6 @@ class RaftNode(MultiService):
 
         d.addBoth(cancel_timer)
 
-    def _forget_pending(self, proposal: _Proposal) -> None:
-        """A proposal timed out: drop it from the batch, or stop waiting for its entry."""
-        if proposal.term == 0:  # not yet in the log: _propose_pending skips fired ones
-            return
-        self._forget_proposal(next((i for i, p in self._proposals.items() if p is proposal),
-                                   0), proposal.deferred)
-
     def _forget_proposal(self, index: int, d: Deferred[Any]) -> None:
         waiter = self._proposals.get(index)
         if waiter is not None and waiter.deferred is d:
@@ -990,8 +938,7 @@ class RaftNode(MultiService):
 
     def _fail_waiters(self, error: Exception) -> None:
         proposals, self._proposals = self._proposals, {}
-        pending, self._pending = self._pending, []
-        for waiter in [*proposals.values(), *pending]:
+        for waiter in proposals.values():
             _fire(waiter.deferred, error)
         batch, self._read_batch = self._read_batch, []
         waiting, self._reads_waiting = self._reads_waiting, []
