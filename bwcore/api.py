@@ -10,6 +10,7 @@ Routes (the contract in ARCHITECTURE.md, "Client-facing contract")::
     GET    /v1/status          the node's status()
     GET    /v1/members         the gossip view (``node.members()``; ``[]`` without gossip)
     GET    /metrics            Prometheus text format of ``node.registry``
+    GET|POST|DELETE /v1/admin/faults   injected partition (bwcore.admin; 404 unless enabled)
 
 plus whatever plugins return from ``bwraft_http_resources``. Every error is JSON
 ``{"error": str}``: 400 bad input, 404 absent key or unknown route, 405 wrong method, 413 body too
@@ -338,6 +339,9 @@ class ApiResource(Resource):
         v1.putChild(b"status", _StatusEndpoint(self))
         v1.putChild(b"members", _MembersEndpoint(self))
         self.putChild(b"metrics", _MetricsEndpoint(self))
+        from bwcore.admin import FaultsEndpoint  # bwcore.admin builds on this module
+
+        self.mount("v1/admin/faults", FaultsEndpoint(self))
         self._mount_plugin_resources()
 
     def getChild(self, path: bytes, request: Request) -> IResource:

@@ -19,7 +19,8 @@ from typing import Any, Mapping, NamedTuple, NoReturn
 from bwcore.errors import ConfigError
 
 __all__ = [
-    "Address", "Addresses", "ClusterConfig", "ConfigError", "LimitsConfig", "LogConfig",
+    "Address", "Addresses", "ClusterConfig", "ConfigError", "FaultsConfig", "LimitsConfig",
+    "LogConfig",
     "NodeConfig", "SecurityConfig", "VoterAddresses", "config_from_dict", "load_config",
     "parse_address",
 ]
@@ -133,6 +134,13 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Fault injection for testing (docs/chaos.md); never enabled unless the file says so."""
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"
@@ -154,6 +162,7 @@ class NodeConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     #: Plugin name -> its raw settings table, in file order.
     plugins: Mapping[str, Mapping[str, Any]] = field(
         default_factory=lambda: MappingProxyType({}))
@@ -217,12 +226,14 @@ def config_from_dict(raw: Mapping[str, Any], *, source: Path | str | None = None
     security = _security(top.table("security"), base)
     limits = _limits(top.table("limits"))
     log = _log(top.table("log"))
+    faults = _faults(top.table("faults"))
     plugins = _plugins(top.table("plugins"))
     top.finish()
     return NodeConfig(
         id=node_id, role=role, datacenter=datacenter, data_dir=data_dir, tick_ms=tick_ms,
         election_ticks=election_ticks, heartbeat_ticks=heartbeat_ticks, addresses=addresses,
-        cluster=cluster, security=security, limits=limits, log=log, plugins=plugins,
+        cluster=cluster, security=security, limits=limits, log=log, faults=faults,
+        plugins=plugins,
         source=Path(source) if source is not None else None)
 
 
@@ -355,6 +366,12 @@ def _log(table: _Table) -> LogConfig:
                     format=table.choice("format", LOG_FORMATS, "auto"))
     table.finish()
     return log
+
+
+def _faults(table: _Table) -> FaultsConfig:
+    faults = FaultsConfig(enabled=table.take("enabled", bool, False))
+    table.finish()
+    return faults
 
 
 def _plugins(table: _Table) -> Mapping[str, Mapping[str, Any]]:

@@ -252,11 +252,11 @@ def documented_keys() -> set[str]:
     """Every key the parser knows, as dotted paths (``cluster.voters.<id>.raft``)."""
     import dataclasses
 
-    from bwcore.config import (Addresses, ClusterConfig, LimitsConfig, LogConfig, NodeConfig,
-                               SecurityConfig, VoterAddresses)
+    from bwcore.config import (Addresses, ClusterConfig, FaultsConfig, LimitsConfig, LogConfig,
+                               NodeConfig, SecurityConfig, VoterAddresses)
 
     nested = {"addresses": Addresses, "cluster": ClusterConfig, "security": SecurityConfig,
-              "limits": LimitsConfig, "log": LogConfig}
+              "limits": LimitsConfig, "log": LogConfig, "faults": FaultsConfig}
     keys = {f.name for f in dataclasses.fields(NodeConfig)} - set(nested) - {"plugins", "source"}
     for table, cls in nested.items():
         keys |= {f"{table}.{f.name}" for f in dataclasses.fields(cls)}
