@@ -152,6 +152,13 @@ class RaftNode(MultiService):
         self.transport: Any = None
         self.gossip: Any = None
         self.raft_port: int | None = None
+        #: The fault-injection layer (bwcore.faults), only when the config enables it.
+        self.faults: Any = None
+        if config.faults.enabled:
+            from bwcore.faults import FaultInjector
+
+            self.faults = FaultInjector(config.id, registry=self.registry,
+                                        log=self.log.bind(logger="bwcore.faults"))
         self._rng = rng if rng is not None else random.Random(os.urandom(16))
         self._transport_factory = transport_factory or _default_transport
         self._writer = writer if writer is not None else ThreadedWriter(
@@ -249,6 +256,8 @@ class RaftNode(MultiService):
         self._read_prefix = self._rng.getrandbits(64).to_bytes(8, "big")
         hook.bwraft_metrics(registry=self.registry)
         self.transport = self._transport_factory(self)
+        if self.faults is not None:
+            self.transport = self.faults.wrap_transport(self.transport)
         raft = config.addresses.raft
         port = self.transport.listen(raft.host, raft.port)
         self.raft_port = port.getHost().port
@@ -626,11 +635,15 @@ class RaftNode(MultiService):
             logger=self.log.bind(logger="bwcore.gossip"))
         self.gossip.add_listener(self.member_event)
         self.gossip.setServiceParent(self)
+        if self.faults is not None:
+            self.faults.attach_gossip(self.gossip)
 
     # -- the Ready loop ----------------------------------------------------------------------
 
     def on_frame(self, peer: str, obj: Any) -> None:
         """The transport's callback: kernel messages to the kernel, plugin frames to plugins."""
+        if self.faults is not None and self.faults.drops_frame_from(peer):
+            return
         if isinstance(obj, Message):
             self.step(obj)
         elif self._call_hook("bwraft_plugin_frame", node=self, peer=peer, frame=obj) is None:
