@@ -167,16 +167,19 @@ def bwraft_role_service(node: RaftNode) -> IService | None:
 
 @hookspec
 def bwraft_route_messages(node: RaftNode, messages: list[Message]) -> None:
-    """Deliver some of the leader's outgoing replication messages yourself.
+    """Deliver some of this node's outgoing kernel messages yourself.
 
-    Called on the leader with each batch of outgoing APPEND, SNAPSHOT and HEARTBEAT messages
-    (in BW-Raft, secretaries take log synchronization off the leader). An implementation
-    removes from ``messages`` (in place) the ones it takes over and feeds the followers'
-    replies back through ``node.step``; the node sends what is left directly. Taking a
-    message over and then losing it is safe (Raft retransmits) but delays that follower. If
-    an implementation raises, the node sends the whole original batch directly.
+    Called on every node with each batch of outgoing kernel messages, before they are sent
+    (in BW-Raft, secretaries take log synchronization off the leader: the leader hands its
+    APPEND and HEARTBEAT messages to a secretary, and a follower sends its APPEND_RESP and
+    HEARTBEAT_RESP back through the secretary that relayed the request). An implementation
+    removes from ``messages`` (in place) the ones it takes over and delivers them by other
+    means; on the leader, it feeds the replies it collects back through ``node.step``. The
+    node sends what is left directly. Taking a message over and then losing it is safe (Raft
+    tolerates lost messages and retransmits) but delays that peer. If an implementation
+    raises, the node sends the whole original batch directly.
 
-    :param node: The leader.
+    :param node: This node.
     :param messages: The batch; mutate it in place.
 
     **Mode:** broadcast.
@@ -356,6 +359,28 @@ def bwraft_http_resources(node: RaftNode) -> dict[str, IResource] | None:
 
     :param node: This node.
     :return: Path segment -> ``twisted.web`` resource, or None.
+
+    **Mode:** collect.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -------------------------------------------------------------------------------------------
+# Status
+# -------------------------------------------------------------------------------------------
+
+
+@hookspec
+def bwraft_status(node: RaftNode) -> dict[str, Any] | None:
+    """Add plugin state to the node's status (``GET /v1/status``).
+
+    Called each time the status is built. Return a small JSON-ready dict, keyed by something
+    that names your plugin (``{"secretaries": {...}}``); its keys are merged into the status.
+    A key the node itself reports (``id``, ``role``, ``term``, ...) is never overwritten.
+
+    :param node: This node.
+    :return: Extra status fields, or None.
 
     **Mode:** collect.
 

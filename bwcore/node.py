@@ -40,7 +40,6 @@ from bwcore.kernel import (
     HardState,
     KernelConfig,
     Message,
-    MessageType,
     ProposalDropped,
     RawNode,
     Ready,
@@ -57,8 +56,6 @@ __all__ = ["RaftNode", "StorageWriter", "ThreadedWriter"]
 
 T = TypeVar("T")
 
-#: The leader's replication traffic, which ``bwraft_route_messages`` may take over.
-ROUTABLE = frozenset({MessageType.APPEND, MessageType.SNAPSHOT, MessageType.HEARTBEAT})
 #: Room for a frame's envelope around one entry; bigger proposals could never be replicated.
 _FRAME_OVERHEAD = 4096
 
@@ -482,6 +479,9 @@ class RaftNode(MultiService):
             role=raft_role if self.config.is_voter else self.config.role,
             raft_role=raft_role, leader_api=self.leader_api(),
             helpers=sorted(kernel.helpers))
+        for extra in self._call_hook("bwraft_status", node=self) or ():
+            for key, value in (extra or {}).items():
+                out.setdefault(key, value)  # a plugin never overwrites what the node reports
         return out
 
     def leader_api(self) -> str | None:
@@ -748,8 +748,9 @@ class RaftNode(MultiService):
         if not messages or self.transport is None:
             return
         kernel = self.kernel
-        if kernel is not None and kernel.role is StateRole.LEADER:
-            messages = self._route(messages)
+        # Every batch of every node goes through the routing hook: a secretary relays the
+        # leader's appends, and the followers' replies to them go back the same way.
+        messages = self._route(messages)
         for m in messages:
             if m.to == self.node_id:
                 continue
@@ -757,20 +758,13 @@ class RaftNode(MultiService):
                 kernel.report_unreachable(m.to)
 
     def _route(self, messages: Sequence[Message]) -> list[Message]:
-        routable = [m for m in messages if m.type in ROUTABLE]
-        if not routable:
-            return list(messages)
-        batch = list(routable)
+        batch = list(messages)
         try:
             self.host.hook.bwraft_route_messages(node=self, messages=batch)
         except Exception:
             self.log.exception("route_messages_failed")
             return list(messages)
-        keep = {id(m) for m in batch}
-        known = {id(m) for m in messages}
-        out = [m for m in messages if m.type not in ROUTABLE or id(m) in keep]
-        out.extend(m for m in batch if id(m) not in known)
-        return out
+        return batch
 
     def _soft_state_changed(self, soft: SoftState) -> None:
         kernel = self.kernel
