@@ -93,6 +93,10 @@ class _Proposal:
     term: int
     deferred: Deferred[Any]
     started: float
+    #: The command while it waits for the next Ready to take it into the log, and then
+    #: the index it was given there.
+    data: bytes = b""
+    index: int = 0
 
 
 def _fire(d: Deferred[Any], result: Any) -> None:
@@ -181,7 +185,9 @@ class RaftNode(MultiService):
         # the commit index, which rides along with the next save (see _process_ready).
         self._saved_hard_state = HardState()
         self._unsaved_hard_state: HardState | None = None
-        # Proposals waiting for their entry to apply, by log index.
+        # Proposals of this turn, not yet in the log, and those waiting for their entry to
+        # apply, by log index.
+        self._pending: list[_Proposal] = []
         self._proposals: dict[int, _Proposal] = {}
         # ReadIndex: callers of this turn, requests in flight by context, and confirmed read
         # indexes waiting for the state machine to catch up (a heap by index).
@@ -378,19 +384,14 @@ class RaftNode(MultiService):
         if kernel.role is not StateRole.LEADER:
             self.metrics.proposal_failures.labels("not_leader").inc()
             raise NotLeader(kernel.leader, self.leader_api())
-        try:
-            index = kernel.propose(data)
-        except ProposalDropped as exc:
-            self.metrics.proposal_failures.labels("transfer").inc()
-            raise Unavailable(str(exc)) from None
-        superseded = self._proposals.pop(index, None)
-        if superseded is not None:  # its entry was overwritten by one of a newer term
-            _fire(superseded.deferred, Unavailable("lost leadership, retry"))
+        # The command joins the others of this reactor turn (or of the save in flight): the
+        # next Ready appends them with one propose_many, so the leader sends each follower
+        # one append for the batch instead of one per command (see _propose_pending).
         d: Deferred[Any] = Deferred()
-        self._proposals[index] = _Proposal(kernel.term, d, self._timer())
-        self.metrics.proposals.inc()
+        proposal = _Proposal(0, d, self._timer(), data)
+        self._pending.append(proposal)
         self._schedule_ready()
-        self._add_deadline(d, timeout, "proposal", lambda: self._forget_proposal(index, d))
+        self._add_deadline(d, timeout, "proposal", lambda: self._forget_pending(proposal))
         return await d
 
     async def read_barrier(self, *, timeout: float = 5.0, max_lag: int | None = None) -> int:
@@ -669,6 +670,8 @@ class RaftNode(MultiService):
             return
         started = self._timer()
         self._apply_compaction()
+        if self._pending:
+            self._propose_pending(kernel)
         if not kernel.has_ready():
             return
         rd = kernel.ready()
@@ -696,6 +699,37 @@ class RaftNode(MultiService):
         stall = self._timer() - started
         d = self._writer.run(self._save, hard_state, rd.entries, rd.snapshot)
         d.addCallbacks(self._persisted, self._save_failed, callbackArgs=(rd, stall))
+
+    def _propose_pending(self, kernel: RawNode) -> None:
+        """Append this turn's proposals to the log in one batch (group commit)."""
+        batch, self._pending = self._pending, []
+        batch = [p for p in batch if not p.deferred.called]  # timed out while waiting
+        if not batch:
+            return
+        error: Exception | None = None
+        if kernel.role is not StateRole.LEADER:
+            # Leadership was lost since propose() checked: nothing reached the log, so the
+            # caller may send the command to the new leader.
+            self.metrics.proposal_failures.labels("not_leader").inc(len(batch))
+            error = NotLeader(kernel.leader, self.leader_api())
+        else:
+            try:
+                last = kernel.propose_many([p.data for p in batch])
+            except ProposalDropped as exc:
+                self.metrics.proposal_failures.labels("transfer").inc(len(batch))
+                error = Unavailable(str(exc))
+        if error is not None:
+            for p in batch:
+                _fire(p.deferred, error)
+            return
+        term = kernel.term
+        for index, p in enumerate(batch, start=last - len(batch) + 1):
+            superseded = self._proposals.pop(index, None)
+            if superseded is not None:  # its entry was overwritten by one of a newer term
+                _fire(superseded.deferred, Unavailable("lost leadership, retry"))
+            p.term, p.data, p.index = term, b"", index
+            self._proposals[index] = p
+        self.metrics.proposals.inc(len(batch))
 
     def _save(self, hard_state: Any, entries: Sequence[Entry], snapshot: Snapshot | None
               ) -> None:
@@ -741,7 +775,7 @@ class RaftNode(MultiService):
         if rd.committed_entries or rd.snapshot is not None:
             self._call_hook("bwraft_applied", node=self, index=applied)
             self._maybe_snapshot(applied)
-        if kernel.has_ready() or self._compacted is not None:
+        if kernel.has_ready() or self._compacted is not None or self._pending:
             self._schedule_ready()
 
     def _send(self, messages: Sequence[Message]) -> None:
@@ -938,6 +972,11 @@ class RaftNode(MultiService):
 
         d.addBoth(cancel_timer)
 
+    def _forget_pending(self, proposal: _Proposal) -> None:
+        """A proposal timed out: drop it from the batch, or stop waiting for its entry."""
+        if proposal.index:  # else not yet in the log, and _propose_pending skips it
+            self._forget_proposal(proposal.index, proposal.deferred)
+
     def _forget_proposal(self, index: int, d: Deferred[Any]) -> None:
         waiter = self._proposals.get(index)
         if waiter is not None and waiter.deferred is d:
@@ -945,7 +984,8 @@ class RaftNode(MultiService):
 
     def _fail_waiters(self, error: Exception) -> None:
         proposals, self._proposals = self._proposals, {}
-        for waiter in proposals.values():
+        pending, self._pending = self._pending, []
+        for waiter in [*proposals.values(), *pending]:
             _fire(waiter.deferred, error)
         batch, self._read_batch = self._read_batch, []
         waiting, self._reads_waiting = self._reads_waiting, []

@@ -634,6 +634,67 @@ def test_commit_needs_a_majority_of_acks() -> None:
     assert resolved(d)["key"] == "k"
 
 
+def test_proposals_of_one_turn_travel_in_one_append_per_follower() -> None:
+    """Commands proposed in one reactor turn enter the log with one propose_many: each
+    follower gets one append carrying all of them, not one append per command."""
+    h = make_harness(("n1", "n2", "n3"))
+    elect_n1_of_three(h)
+    ack_appends(h)
+    h.transport.take()  # what the acks caused: commit news, empty appends
+    first = h.node.kernel.last_index + 1
+    ds = [h.propose(b"k%d=v" % i) for i in range(20)]
+    h.settle()
+    appends = h.transport.take(MT.APPEND)
+    assert sorted(m.to for m in appends) == ["n2", "n3"]
+    for m in appends:
+        assert [e.data for e in m.entries] == [b"k%d=v" % i for i in range(20)]
+        assert m.entries[0].index == first
+    assert h.node.registry.get_sample_value("bwraft_proposals_total") == 20
+    for m in appends:
+        h.deliver(MT.APPEND_RESP, m.to, m.term, index=m.entries[-1].index)
+    assert [resolved(d)["index"] for d in ds] == list(range(first, first + 20))
+
+
+def test_proposal_waiting_for_the_batch_fails_with_not_leader_if_leadership_is_lost() -> None:
+    """A command accepted while leader but not yet in the log when the node steps down never
+    enters the log; the caller gets NotLeader and may take it to the new leader."""
+    h = make_harness(("n1", "n2", "n3"))
+    elect_n1_of_three(h)
+    ack_appends(h)
+    last = h.node.kernel.last_index
+    d = h.propose(b"late=1")
+    # In the same turn, before the Ready loop runs: n2 leads a later term.
+    h.node.on_frame("n2", Message(MT.HEARTBEAT, "n1", "n2", h.node.kernel.term + 1))
+    h.settle()
+    with pytest.raises(NotLeader) as info:
+        resolved(d)
+    assert info.value.leader_id == "n2"
+    assert h.node.kernel.last_index == last
+    assert all(e.data != b"late=1" for e in h.storage.entries)
+
+
+def test_proposal_that_timed_out_before_its_batch_never_enters_the_log() -> None:
+    """While a slow save holds the next batch back, a proposal whose caller gave up is
+    dropped from the batch instead of being replicated after the caller saw a timeout."""
+    h = make_harness()
+    elect_single(h)
+    h.settle()
+    h.writer.blocked = True
+    kept = h.propose(b"a=1")
+    h.settle()
+    assert len(h.writer.queue) == 1  # a=1 is being saved
+    dropped = h.propose(b"b=2", timeout=0.5)
+    h.ticks(6)
+    with pytest.raises(Unavailable, match="proposal timed out"):
+        resolved(dropped)
+    h.writer.blocked = False
+    h.writer.release()
+    h.settle()
+    assert resolved(kept)["key"] == "a"
+    assert [e.data for e in h.storage.entries if e.data][-1] == b"a=1"
+    assert h.machine.data == {"a": "1"}
+
+
 class Router:
     """Takes over replication to n3, as a secretary plugin would."""
 
