@@ -172,14 +172,22 @@ def node_config(cluster: Cluster, node: NodeInfo) -> dict[str, Any]:
     voters = {v.id: {"raft": v.raft, "api": v.api.removeprefix("http://")}
               for v in cluster.nodes.values() if v.role == "voter"}
     seeds = [v.gossip for v in cluster.nodes.values() if v.role == "voter"]
-    return {
+    # An observer needs no voter list: it finds the cluster through the gossip seeds.
+    members = {"name": "bwraft-local", "seeds": seeds}
+    if node.role != "observer":
+        members["voters"] = voters
+    doc: dict[str, Any] = {
         "id": node.id, "role": node.role, "datacenter": node.datacenter, "data_dir": "data",
         "tick_ms": cluster.tick_ms,
         "addresses": {"raft": node.raft, "api": node.api.removeprefix("http://"),
                       "gossip": node.gossip},
-        "cluster": {"name": "bwraft-local", "seeds": seeds, "voters": voters},
+        "cluster": members,
         "log": {"format": "json"},
     }
+    if node.role == "voter" and "observer" in installed_plugins():
+        # Voters feed the observers gossip announces, also those started later.
+        doc["plugins"] = {"observer": {}}
+    return doc
 
 
 def write_files(cluster: Cluster) -> None:

@@ -174,8 +174,14 @@ def test_plan_spreads_roles_over_datacenters_and_writes_valid_configs(
     local.write_files(cluster)
     config = load_config(cluster.nodes["obs2"].config)
     assert (config.role, config.datacenter, config.tick_ms) == ("observer", "west", 50)
-    assert sorted(config.cluster.voters) == ["n1", "n2", "n3"]
+    assert config.cluster.voters == {}  # an observer finds the voters through gossip
+    assert [str(seed) for seed in config.cluster.seeds] == [
+        cluster.nodes[v].gossip for v in ("n1", "n2", "n3")]
     assert config.data_dir == tmp_path / "obs2" / "data"
+    voter = load_config(cluster.nodes["n1"].config)
+    assert sorted(voter.cluster.voters) == ["n1", "n2", "n3"]
+    assert "observer" in voter.plugins  # voters feed the observers gossip announces
+    assert sorted(load_config(cluster.nodes["sec1"].config).cluster.voters) == ["n1", "n2", "n3"]
     reloaded = local.load(tmp_path)
     assert reloaded.nodes == cluster.nodes and reloaded.tick_ms == 50
 
