@@ -19,7 +19,9 @@ import sys
 from typing import Any, Callable, TextIO
 
 from bwcore import cluster as local
-from bwcore.client import BadRequest, Client, ClientError, NotFound, normalize_endpoint
+from bwcore.client import (
+    READ_FROM, BadRequest, Client, ClientError, NotFound, normalize_endpoint,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -37,7 +39,8 @@ def _client(args: argparse.Namespace) -> Client:
     if not endpoints:
         raise _UsageError(f"no endpoints: pass --endpoints URL[,URL...] or set {ENDPOINTS_ENV}")
     try:
-        return Client(endpoints, timeout=args.timeout, deadline=args.deadline)
+        return Client(endpoints, timeout=args.timeout, deadline=args.deadline,
+                      read_from=getattr(args, "read_from", "any"))
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
 
@@ -243,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("get", parents=[net], help="read a key")
     sub.add_argument("key")
     sub.add_argument("--consistency", choices=("linearizable", "stale"), default="linearizable")
+    sub.add_argument("--read-from", choices=READ_FROM, default="any",
+                     help="any endpoint, the leader, or the observers among the endpoints"
+                          " (round-robin)")
     sub.set_defaults(handler=_get)
     sub = commands.add_parser("del", parents=[net, rid], help="delete a key")
     sub.add_argument("key")

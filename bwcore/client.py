@@ -212,6 +212,9 @@ class Client:
         if self.read_from == "observers":
             if self._observers is None:
                 self._observers = [e for e in self.endpoints if self._role_of(e) == "observer"]
+                # Start at a random observer, so that short-lived clients (one CLI command
+                # each) spread their reads too.
+                self._observer_cursor = self._rng.randrange(max(1, len(self._observers)))
             if self._observers:
                 self._observer_cursor += 1
                 return self._observers[self._observer_cursor % len(self._observers)]

@@ -119,6 +119,29 @@ def test_kv_commands_print_json_and_use_exit_codes(nodes: Callable[..., FakeNode
     assert (code, out["error"]) == (1, "not found")
 
 
+def test_get_read_from_observers_reads_from_observers_only(
+        nodes: Callable[..., FakeNode], capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    """`get --read-from observers` reads from the observers among the endpoints, never the
+    voter; each command starts at a random observer, so many commands reach both."""
+    voter, obs1, obs2 = nodes(), nodes("observer"), nodes("observer")
+    for node in (voter, obs1, obs2):
+        node.data["k"] = "v"
+    endpoints = ",".join(node.url for node in (voter, obs1, obs2))
+
+    def reads(node: FakeNode) -> int:
+        return sum(1 for r in node.requests if r[1].startswith("/v1/kv/"))
+
+    for _ in range(64):  # P(one observer never chosen) = 2**-63
+        code, out, _ = run(capsys, "get", "k", "--read-from", "observers",
+                           "--endpoints", endpoints)
+        assert (code, out["value"]) == (0, "v")
+        if reads(obs1) and reads(obs2):
+            break
+    assert reads(voter) == 0 and reads(obs1) and reads(obs2)
+    with pytest.raises(SystemExit):
+        main(["get", "k", "--read-from", "followers", "--endpoints", endpoints])
+
+
 def test_endpoints_come_from_the_environment(nodes: Callable[..., FakeNode],  # noqa: F811
                                              capsys: pytest.CaptureFixture,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
