@@ -542,6 +542,13 @@ class RaftNode(MultiService):
             self.kernel.remove_helper(node_id)
             self._schedule_ready()
 
+    def report_unreachable(self, node_id: str) -> None:
+        """Messages to ``node_id`` may have been lost (a relay failed): on the leader, the
+        kernel stops pipelining to it and probes it again (Raft §5.3)."""
+        if self.kernel is not None and self._driving:
+            self.kernel.report_unreachable(node_id)
+            self._schedule_ready()
+
     def report_snapshot_failed(self, node_id: str) -> None:
         """A snapshot sent to ``node_id`` did not arrive: the leader probes and resends (§7)."""
         if self.kernel is not None and self._driving:
