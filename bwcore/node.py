@@ -189,6 +189,8 @@ class RaftNode(MultiService):
         # apply, by log index.
         self._pending: list[_Proposal] = []
         self._proposals: dict[int, _Proposal] = {}
+        # The last committed entry of the Ready being saved that was applied already.
+        self._applied_early = 0
         # ReadIndex: callers of this turn, requests in flight by context, and confirmed read
         # indexes waiting for the state machine to catch up (a heap by index).
         self._read_batch: list[Deferred[int]] = []
@@ -703,9 +705,35 @@ class RaftNode(MultiService):
             self._unsaved_hard_state = None
             self._saved_hard_state = hard_state
         self._saving = True
-        stall = self._timer() - started
         d = self._writer.run(self._save, hard_state, rd.entries, rd.snapshot)
+        if rd.committed_entries and rd.snapshot is None:
+            self._apply_durable_prefix(rd)
+        stall = self._timer() - started
+        # Attached only now: a writer that saved inline must not finish the Ready first.
         d.addCallbacks(self._persisted, self._save_failed, callbackArgs=(rd, stall))
+
+    def _apply_durable_prefix(self, rd: Ready) -> None:
+        """Apply, while this Ready's save runs, its committed entries that were already on
+        our disk before it, and answer their proposers now.
+
+        They are committed (durable on a voter majority, Raft §5.3) and durable here, so
+        acknowledging them depends on nothing this save writes; without this, every commit
+        under load would also wait for the fsync of the newer entries proposed meanwhile.
+        Committed entries that are part of this Ready's own ``entries`` (a follower that
+        learns the commit index with the entries) still wait for the save.
+        """
+        committed = rd.committed_entries
+        count = len(committed)
+        if rd.entries:
+            count = max(0, min(count, rd.entries[0].index - committed[0].index))
+        if count == 0:
+            return
+        resolved: list[tuple[Deferred[Any], Any]] = []
+        if not self._apply(committed[:count], resolved):
+            return
+        self._applied_early = committed[count - 1].index
+        for d, result in resolved:
+            _fire(d, result)
 
     def _propose_pending(self, kernel: RawNode) -> None:
         """Append this turn's proposals to the log in one batch (group commit)."""
@@ -767,7 +795,11 @@ class RaftNode(MultiService):
         resolved: list[tuple[Deferred[Any], Any]] = []
         if rd.snapshot is not None:
             self._install_snapshot(rd.snapshot, resolved)
-        if rd.committed_entries and not self._apply(rd.committed_entries, resolved):
+        committed = rd.committed_entries
+        if self._applied_early:  # the prefix _apply_durable_prefix applied during the save
+            committed = committed[self._applied_early - committed[0].index + 1:]
+            self._applied_early = 0
+        if committed and not self._apply(committed, resolved):
             return
         kernel.advance(rd)
         self._update_gauges()

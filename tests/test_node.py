@@ -383,6 +383,46 @@ def test_group_commit_one_save_per_turn_and_per_save_in_flight() -> None:
     assert len(h.machine.data) == 80
 
 
+def test_entries_committed_before_a_save_are_answered_while_it_runs() -> None:
+    """An entry already durable here and committed is applied and answered while the next
+    Ready's save (of newer entries) is still in flight: it does not wait for that fsync."""
+    h = make_harness()
+    elect_single(h)
+    h.settle()
+    h.writer.blocked = True
+    first = h.propose(b"a=1")
+    h.settle()
+    second = h.propose(b"b=2")  # waits for the save of a=1 to finish
+    h.writer.release()           # a=1 is durable, hence committed (one voter)
+    h.settle()
+    assert len(h.writer.queue) == 1  # the save of b=2 is in flight
+    assert resolved(first)["key"] == "a"
+    assert h.machine.data == {"a": "1"} and not second.called
+    h.writer.blocked = False
+    h.writer.release()
+    h.settle()
+    assert resolved(second)["key"] == "b"
+    assert h.machine.data == {"a": "1", "b": "2"}
+    assert h.node.kernel.applied_index == h.machine.applied_index
+
+
+def test_follower_applies_entries_that_arrive_committed_only_after_saving_them() -> None:
+    """A follower told of a commit together with the entries never applies them before
+    they are durable on its own disk."""
+    h = make_harness(("n1", "n2", "n3"))
+    h.deliver(MT.HEARTBEAT, "n2", 2, commit=0)
+    h.writer.blocked = True
+    last = h.node.kernel.last_index
+    h.deliver(MT.APPEND, "n2", 2, index=last, log_term=h.node.kernel.term_at(last),
+              entries=(Entry(2, last + 1, b"r=1"),), commit=last + 1)
+    assert len(h.writer.queue) == 1
+    assert h.machine.data == {}
+    h.writer.blocked = False
+    h.writer.release()
+    h.settle()
+    assert h.machine.data == {"r": "1"}
+
+
 def test_commit_index_alone_costs_no_save_of_its_own() -> None:
     """A Ready whose only durable change is the commit index is not waited for (Raft Fig. 2:
     commitIndex is volatile); the index rides along with the next save and the final stop."""
