@@ -191,6 +191,11 @@ class RaftNode(MultiService):
         self._proposals: dict[int, _Proposal] = {}
         # The last committed entry of the Ready being saved that was applied already.
         self._applied_early = 0
+        # Proposal deadlines, (when, sequence, timeout, proposal) in a heap served by ONE
+        # timer: a timer per proposal cost the leader more than the rest of its bookkeeping.
+        self._deadlines: list[tuple[float, int, float, _Proposal]] = []
+        self._deadline_seq = 0
+        self._deadline_call: Any = None
         # ReadIndex: callers of this turn, requests in flight by context, and confirmed read
         # indexes waiting for the state machine to catch up (a heap by index).
         self._read_batch: list[Deferred[int]] = []
@@ -312,10 +317,10 @@ class RaftNode(MultiService):
         self._serving = self._driving = False
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
-        for call in (self._ready_call, self._read_flush):
+        for call in (self._ready_call, self._read_flush, self._deadline_call):
             if call is not None and call.active():
                 call.cancel()
-        self._ready_call = self._read_flush = None
+        self._ready_call = self._read_flush = self._deadline_call = None
         await super().stopService()
         await self._wait_idle()
         self._fail_waiters(Unavailable("node stopping"))
@@ -393,7 +398,7 @@ class RaftNode(MultiService):
         proposal = _Proposal(0, d, self._timer(), data)
         self._pending.append(proposal)
         self._schedule_ready()
-        self._add_deadline(d, timeout, "proposal", lambda: self._forget_pending(proposal))
+        self._add_proposal_deadline(proposal, timeout)
         return await d
 
     async def read_barrier(self, *, timeout: float = 5.0, max_lag: int | None = None) -> int:
@@ -1011,6 +1016,39 @@ class RaftNode(MultiService):
 
         d.addBoth(cancel_timer)
 
+    def _add_proposal_deadline(self, proposal: _Proposal, timeout: float) -> None:
+        """Fail ``proposal`` with Unavailable after ``timeout`` seconds unless it fired."""
+        when = self.reactor.seconds() + timeout
+        self._deadline_seq += 1
+        deadlines = self._deadlines
+        heapq.heappush(deadlines, (when, self._deadline_seq, timeout, proposal))
+        if len(deadlines) > 4096 and \
+                len(deadlines) > 2 * (len(self._proposals) + len(self._pending)):
+            # Mostly answered proposals: drop them now rather than at their deadlines.
+            deadlines[:] = [item for item in deadlines if not item[3].deferred.called]
+            heapq.heapify(deadlines)
+        call = self._deadline_call
+        if call is not None and call.active() and call.getTime() <= when:
+            return  # the timer fires first for an earlier deadline and re-arms itself
+        if call is not None and call.active():
+            call.cancel()
+        self._deadline_call = self.reactor.callLater(timeout, self._expire_proposals)
+
+    def _expire_proposals(self) -> None:
+        self._deadline_call = None
+        now = self.reactor.seconds()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, _, timeout, proposal = heapq.heappop(deadlines)
+            if proposal.deferred.called:  # answered in time; left in the heap until now
+                continue
+            self._forget_pending(proposal)
+            self.metrics.proposal_failures.labels("timeout").inc()
+            _fire(proposal.deferred, Unavailable(f"proposal timed out after {timeout:g}s"))
+        if deadlines:
+            self._deadline_call = self.reactor.callLater(max(0.0, deadlines[0][0] - now),
+                                                         self._expire_proposals)
+
     def _forget_pending(self, proposal: _Proposal) -> None:
         """A proposal timed out: drop it from the batch, or stop waiting for its entry."""
         if proposal.index:  # else not yet in the log, and _propose_pending skips it
@@ -1024,6 +1062,7 @@ class RaftNode(MultiService):
     def _fail_waiters(self, error: Exception) -> None:
         proposals, self._proposals = self._proposals, {}
         pending, self._pending = self._pending, []
+        self._deadlines = []
         for waiter in [*proposals.values(), *pending]:
             _fire(waiter.deferred, error)
         batch, self._read_batch = self._read_batch, []

@@ -646,6 +646,29 @@ def test_proposal_times_out_without_a_quorum() -> None:
         resolved(d)
 
 
+def test_proposal_deadlines_share_one_timer_and_expire_in_order() -> None:
+    """Many proposals in flight cost one reactor timer; each still fails at its own
+    deadline, a shorter one proposed later included."""
+    h = make_harness(("n1", "n2", "n3"))
+    elect_n1_of_three(h)
+    h.settle()
+    before = len(h.clock.getDelayedCalls())
+    slow = [h.propose(b"k%d=v" % i, timeout=2.0) for i in range(100)]
+    assert len(h.clock.getDelayedCalls()) - before <= 2  # one deadline timer, one Ready
+    h.settle()
+    fast = h.propose(b"fast=1", timeout=0.5)
+    h.ticks(6)
+    with pytest.raises(Unavailable, match="proposal timed out after 0.5s"):
+        resolved(fast)
+    assert not any(d.called for d in slow)
+    h.ticks(15)
+    for d in slow:
+        with pytest.raises(Unavailable, match="proposal timed out after 2s"):
+            resolved(d)
+    assert h.node.registry.get_sample_value(
+        "bwraft_proposal_failures_total", {"reason": "timeout"}) == 101
+
+
 def test_proposal_overwritten_by_a_new_leader_fails() -> None:
     """An index proposed in term t that applies with another term was lost (Raft §5.3)."""
     h = make_harness(("n1", "n2", "n3"))
