@@ -187,6 +187,9 @@ def node_config(cluster: Cluster, node: NodeInfo) -> dict[str, Any]:
     if node.role == "voter" and "observer" in installed_plugins():
         # Voters feed the observers gossip announces, also those started later.
         doc["plugins"] = {"observer": {}}
+    if node.role != "secretary" and any(n.role == "secretary" for n in cluster.nodes.values()):
+        # The leader hands replication to secretaries, and followers answer through them.
+        doc.setdefault("plugins", {})["secretary"] = {}
     return doc
 
 
