@@ -2,7 +2,8 @@
 
 The numbers follow ../design PROTOCOL.md "Safety invariants": 1 election safety, 2 log
 matching, 3 leader completeness, 4 state machine safety, 5 non-voters never in a quorum,
-7 linearizable reads. Each check is incremental so that thousands of schedules stay cheap.
+6 relayed messages are the leader's own, 7 linearizable reads. Each check is incremental so
+that thousands of schedules stay cheap.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bwcore.kernel import Entry, Message, MessageType
+
+
+_REPLICATION = frozenset({MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT})
 
 
 class InvariantViolation(AssertionError):
@@ -27,6 +31,10 @@ class SafetyChecker:
     committed: dict[int, tuple[int, bytes]] = field(default_factory=dict)
     #: the highest index of any write acknowledged to a client so far (invariant 7).
     acked_index: int = 0
+    #: Record the leaders' replication messages, for :meth:`on_relayed` (invariant 6).
+    track_relays: bool = False
+    #: term -> every APPEND, HEARTBEAT and SNAPSHOT the leader of that term emitted.
+    emitted: dict[int, set[Message]] = field(default_factory=dict)
     checks: int = 0
 
     def fail(self, what: str) -> None:
@@ -71,11 +79,24 @@ class SafetyChecker:
                       f"committed term {seen[0]}")
 
     def on_send(self, m: Message, non_voters: frozenset[str]) -> None:
+        if self.track_relays and m.type in _REPLICATION and self.leaders.get(m.term) == m.frm:
+            self.emitted.setdefault(m.term, set()).add(m)
         if m.frm in non_voters and m.type in (MessageType.VOTE_RESP, MessageType.PRE_VOTE_RESP) \
                 and not m.reject:
             self.fail(f"non-voter {m.frm} granted a vote to {m.to}")
         if m.frm in non_voters and m.type in (MessageType.VOTE, MessageType.PRE_VOTE):
             self.fail(f"non-voter {m.frm} campaigned")
+
+    def on_relayed(self, node: str, m: Message) -> None:
+        """``node`` is about to step ``m``, which a helper (a secretary) relayed: it must be a
+        message the leader of its term emitted, unchanged — entries, commit index and all
+        (invariant 6: secretaries never make a follower accept what the leader did not send)."""
+        self.checks += 1
+        if m.to != node or m.frm != self.leaders.get(m.term) \
+                or m not in self.emitted.get(m.term, ()):
+            self.fail(f"secretary relay: {node} was handed {m.type.name} index {m.index} term "
+                      f"{m.term} from {m.frm} with {len(m.entries)} entries, commit {m.commit}, "
+                      f"which the leader of term {m.term} never sent to it")
 
     def on_commit(self, leader: str, index: int, term: int,
                   configurations: tuple[frozenset[str], ...], durable_term_at) -> None:

@@ -1,0 +1,242 @@
+"""The secretary's and the follower's sides of the relay, as pure cores (no Twisted, no clock).
+
+:class:`SecretaryRelay` runs on a secretary: it fans each BATCH out to the followers as RELAY
+frames carrying the leader's own messages, collects their replies, and reports them to the
+leader in one REPORT frame. :class:`FollowerRelay` runs on every voter and observer: it turns a
+RELAY frame back into the leader's kernel messages, and picks the replies to them out of the
+node's outgoing batches so that they return through the same secretary.
+
+Fencing (PROTOCOL.md "Secretary"): a secretary acts for one (leader, term) at a time; a batch
+of a higher term replaces that assignment and drops everything buffered for the old one, a
+batch of a lower term is ignored, and only replies of the current assignment are forwarded. A
+secretary never builds an entry, a term, a leader id or a commit index of its own: it copies
+what the leader sent (invariant 6: followers accept only entries the current leader sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bwcore.kernel import Message
+from bwraft_plugins import secretary_wire as wire
+
+__all__ = ["FollowerRelay", "FollowerStats", "SecretaryRelay", "SecretaryStats"]
+
+
+@dataclass
+class SecretaryStats:
+    batches: int = 0                # BATCH frames accepted
+    relayed_messages: int = 0       # messages delivered to followers
+    relayed_entries: int = 0        # entries in them
+    replies: int = 0                # replies forwarded to the leader
+    reports: int = 0                # REPORT frames sent
+    dropped: dict[str, int] = field(default_factory=dict)   # frames dropped, by reason
+
+    def drop(self, reason: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+
+class SecretaryRelay:
+    """A secretary's relay state: one assignment (leader, term) and the replies collected.
+
+    Args:
+        node_id: The secretary's id.
+        window: The most distinct entries it accepts in one batch (it holds no more).
+        max_delay: Seconds a reply may wait to be reported along with others.
+        max_relay_bytes: Entry bytes above which the messages to one follower are split over
+            several RELAY frames.
+    """
+
+    def __init__(self, node_id: str, *, window: int = 4096, max_delay: float = 0.002,
+                 max_relay_bytes: int = 8 * 1024 * 1024) -> None:
+        self.node_id = node_id
+        self.window = window
+        self.max_delay = max_delay
+        self.max_relay_bytes = max_relay_bytes
+        self.stats = SecretaryStats()
+        self.leader: str | None = None
+        self.term = 0
+        self._ack_seq = 0
+        self._reported_seq = 0
+        self._replies: list[tuple[str, list[Any]]] = []
+        self._awaiting: dict[str, int] = {}
+        self._unreachable: set[str] = set()
+        #: When the collected replies and acknowledgements must be reported at the latest.
+        self.flush_at: float | None = None
+
+    def on_batch(self, peer: str, batch: wire.Batch, now: float) -> list[tuple[str, list[Any]]]:
+        """A leader's batch: the RELAY payloads to send, one or more per follower.
+
+        ``peer`` is the sender's authenticated id (the transport's hello): a batch must come
+        from the leader it names.
+        """
+        if peer != batch.leader:
+            self.stats.drop("not_from_leader")
+            return []
+        if self.leader is None or batch.term > self.term:
+            # A higher term: the old assignment and whatever was buffered for it are void.
+            self.leader, self.term = batch.leader, batch.term
+            self._ack_seq = self._reported_seq = 0
+            self._replies.clear()
+            self._awaiting.clear()
+            self._unreachable.clear()
+            self.flush_at = None
+        elif batch.term < self.term:
+            self.stats.drop("stale_term")
+            return []
+        elif batch.leader != self.leader:
+            self.stats.drop("conflicting_leader")  # two leaders of one term: never forward
+            return []
+        if len(batch.entries) > self.window:
+            self.stats.drop("window")
+            return []
+        self.stats.batches += 1
+        self._ack_seq = max(self._ack_seq, batch.seq)
+        by_target: dict[str, list[list[Any]]] = {}
+        sizes: dict[str, int] = {}
+        out: list[tuple[str, list[Any]]] = []
+        for target in batch.targets:
+            entries = batch.wire_entries(target)
+            size = sum(len(e[1]) for e in entries)
+            items = by_target.setdefault(target.to, [])
+            if items and sizes[target.to] + size > self.max_relay_bytes:
+                out.append((target.to, wire.encode_relay(self.term, self.leader, items)))
+                items = by_target[target.to] = []
+                sizes[target.to] = 0
+            items.append(wire.relay_item(target, entries))
+            sizes[target.to] = sizes.get(target.to, 0) + size
+            self._awaiting[target.to] = self._awaiting.get(target.to, 0) + 1
+            self.stats.relayed_messages += 1
+            self.stats.relayed_entries += target.count
+        out.extend((to, wire.encode_relay(self.term, self.leader, items))
+                   for to, items in by_target.items() if items)
+        if self.flush_at is None:
+            self.flush_at = now + self.max_delay
+        return out
+
+    def on_replies(self, peer: str, replies: wire.Replies, now: float) -> bool:
+        """A follower's replies. Returns True when every follower has answered everything
+        relayed to it: report at once (at the end of this reactor turn)."""
+        if self.leader is None or replies.term != self.term or replies.leader != self.leader:
+            self.stats.drop("stale_reply")  # never forward a reply of another assignment
+            return False
+        for item in replies.items:
+            self._replies.append((peer, item))
+        left = self._awaiting.get(peer, 0) - len(replies.items)
+        if left > 0:
+            self._awaiting[peer] = left
+        else:
+            self._awaiting.pop(peer, None)
+        if self.flush_at is None:
+            self.flush_at = now + self.max_delay
+        return not self._awaiting
+
+    def unreachable(self, follower: str) -> None:
+        """A RELAY frame to ``follower`` could not be queued: tell the leader."""
+        self._unreachable.add(follower)
+        self._awaiting.pop(follower, None)
+
+    def flush(self) -> tuple[str, list[Any]] | None:
+        """The REPORT to send now (leader id, payload), or None if there is nothing to say."""
+        self.flush_at = None
+        if self.leader is None or (not self._replies and not self._unreachable
+                                   and self._ack_seq == self._reported_seq):
+            return None
+        payload = wire.encode_report(self.term, self._ack_seq, self._replies,
+                                     self._unreachable)
+        self.stats.replies += len(self._replies)
+        self.stats.reports += 1
+        self._replies = []
+        self._unreachable = set()
+        # Replies still due count from here: a late one simply goes out in a later report.
+        self._awaiting.clear()
+        self._reported_seq = self._ack_seq
+        return self.leader, payload
+
+    def status(self) -> dict[str, Any]:
+        return {"leader": self.leader, "term": self.term, "acknowledged_batch": self._ack_seq,
+                "replies_buffered": len(self._replies)}
+
+
+@dataclass
+class FollowerStats:
+    relays: int = 0                 # RELAY frames accepted
+    messages: int = 0               # leader messages stepped from them
+    replies: int = 0                # replies sent back through a secretary
+    dropped: int = 0                # malformed frames
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    leader: str
+    term: int
+    secretary: str
+    last_relay: float
+
+
+class FollowerRelay:
+    """A follower's side: which secretary its replies to the leader go back through.
+
+    Args:
+        node_id: This node's id.
+        ttl: Seconds after the last relayed message during which replies still go through its
+            secretary; after that they go directly to the leader (the secretary may be gone,
+            and the leader then replicates directly).
+    """
+
+    def __init__(self, node_id: str, ttl: float) -> None:
+        self.node_id = node_id
+        self.ttl = ttl
+        self.stats = FollowerStats()
+        self._route: _Route | None = None
+
+    def on_relay(self, peer: str, relay: wire.Relay, now: float) -> list[Message]:
+        """A RELAY frame from secretary ``peer``: the leader's messages to step.
+
+        The kernel checks each message's term exactly as if the leader had sent it; the route
+        back only ever moves forward in terms.
+        """
+        if relay.leader == self.node_id:
+            self.stats.dropped += 1
+            return []
+        route = self._route
+        if route is None or relay.term >= route.term:
+            self._route = _Route(relay.leader, relay.term, peer, now)
+        self.stats.relays += 1
+        self.stats.messages += len(relay.messages)
+        return list(relay.messages)
+
+    def on_direct(self, peer: str, term: int) -> None:
+        """The leader took this follower back: reply to it directly from now on."""
+        route = self._route
+        if route is not None and peer == route.leader and term >= route.term:
+            self._route = None
+
+    def take_replies(self, messages: Sequence[Message], now: float
+                     ) -> tuple[str, list[Message], list[Any]] | None:
+        """The replies in ``messages`` that go back through the secretary.
+
+        Returns:
+            (secretary, the replies, REPLY payload), or None. The caller removes the replies
+            from its batch only once the frame is queued.
+        """
+        route = self._route
+        if route is None:
+            return None
+        if now - route.last_relay > self.ttl:
+            self._route = None
+            return None
+        picked = [m for m in messages if m.type in wire.RESPONSES and m.to == route.leader
+                  and m.term == route.term and m.frm == self.node_id]
+        if not picked:
+            return None
+        self.stats.replies += len(picked)
+        return route.secretary, picked, wire.encode_replies(route.term, route.leader, picked)
+
+    def status(self) -> dict[str, Any] | None:
+        route = self._route
+        if route is None:
+            return None
+        return {"leader": route.leader, "term": route.term, "secretary": route.secretary}

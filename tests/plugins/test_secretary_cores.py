@@ -1,0 +1,388 @@
+"""Unit tests of the secretary relay's pure parts: the frames, the leader's, the secretary's
+and the follower's cores (PROTOCOL.md "Secretary")."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import msgpack
+import pytest
+
+from bwcore.kernel import Entry, EntryType, Message, MessageType as MT
+from bwraft_plugins import secretary_wire as wire
+from bwraft_plugins.secretary_leader import DirectoryEntry, LeaderRelay, RelaySettings
+from bwraft_plugins.secretary_relay import FollowerRelay, SecretaryRelay
+
+SETTINGS = RelaySettings(reply_deadline=0.3, rehire_after=2.0, window=8)
+TERM = 4
+
+
+def entries(first: int, count: int, term: int = TERM) -> tuple[Entry, ...]:
+    return tuple(Entry(term, i, b"data-%d" % i) for i in range(first, first + count))
+
+
+def append(to: str, prev: int, count: int, commit: int = 3, frm: str = "L") -> Message:
+    return Message(MT.APPEND, to, frm, TERM, log_term=TERM, index=prev,
+                   entries=entries(prev + 1, count), commit=commit)
+
+
+def heartbeat(to: str, commit: int = 3, context: bytes = b"") -> Message:
+    return Message(MT.HEARTBEAT, to, "L", TERM, commit=commit, context=context)
+
+
+def leader_core(secretaries: dict[str, str] | None = None, **settings) -> LeaderRelay:
+    """Leader L in west; followers f1-f3 and observer o1 in east; secretaries as given."""
+    core = LeaderRelay("L", dataclasses.replace(SETTINGS, **settings), {"f1": "10.0.0.1:1"})
+    for node, dc in {"f0": "west", "f1": "east", "f2": "east", "f3": "east"}.items():
+        core.member_changed(DirectoryEntry(node, "voter", dc, "alive", relay=True), 0.0)
+    core.member_changed(DirectoryEntry("o1", "observer", "east", "alive", "10.0.0.9:9",
+                                       relay=True), 0.0)
+    for s, dc in (secretaries if secretaries is not None else {"s1": "east"}).items():
+        core.member_changed(DirectoryEntry(s, "secretary", dc, "alive"), 0.0)
+    core.set_leadership(TERM, True)
+    return core
+
+
+def through_wire(payload):
+    """What the peer receives: the payload after msgpack, as the transport carries it."""
+    return msgpack.unpackb(msgpack.packb(payload, use_bin_type=True), raw=False)
+
+
+# -- frames -----------------------------------------------------------------------------------
+
+
+def test_batch_carries_shared_entries_once_and_rebuilds_each_message():
+    msgs = [append("f1", 10, 3), append("f2", 10, 3), append("f3", 11, 2), heartbeat("o1", 9)]
+    payload = wire.encode_batch(7, TERM, "L", msgs, {"f1": "10.0.0.1:1"})
+    assert sum(len(run[1]) for run in payload[4]) == 3   # entries 11, 12, 13 once
+    batch = wire.decode_batch(through_wire(payload))
+    assert (batch.seq, batch.term, batch.leader) == (7, TERM, "L")
+    assert batch.addresses == {"f1": "10.0.0.1:1"}
+    for m, target in zip(msgs, batch.targets, strict=True):
+        relay = wire.decode_relay(through_wire(wire.encode_relay(
+            TERM, "L", [wire.relay_item(target, batch.wire_entries(target))])), m.to)
+        assert relay.messages == (m,)   # the leader's own message, field for field
+
+
+def test_replies_and_reports_round_trip():
+    replies = [Message(MT.APPEND_RESP, "L", "f1", TERM, index=12),
+               Message(MT.APPEND_RESP, "L", "f1", TERM, index=9, reject=True, reject_hint=7,
+                       log_term=2),
+               Message(MT.HEARTBEAT_RESP, "L", "f1", TERM, context=b"r1")]
+    got = wire.decode_replies(through_wire(wire.encode_replies(TERM, "L", replies)))
+    payload = wire.encode_report(TERM, 5, [("f1", item) for item in got.items], {"f9"})
+    report = wire.decode_report(through_wire(payload), "L")
+    assert report.replies == tuple(replies)
+    assert (report.term, report.ack_seq, report.unreachable) == (TERM, 5, ("f9",))
+    assert wire.decode_direct(through_wire(wire.encode_direct(TERM))) == TERM
+
+
+@pytest.mark.parametrize("payload", [
+    None, [], [0], [99], ["x"], [1], [True, 1],
+    [1, 1, 1, "L", [], [[5, "f1", 0, 0, 1, 0, b""]], {}],            # entry 1 missing
+    [1, 1, 1, "L", [], [[6, "f1", 0, 0, 0, 0, b""]], {}],            # a reply in a batch
+    [1, 1, 1, "L", [[1, [[1, b"x", 0]]], [1, [[1, b"y", 0]]]], [], {}],   # entry twice
+    [1, 1, 1, "L", [[1, [[1, "text", 0]]]], [], {}],                 # data not bytes
+    [1, 1, 1, "L", [[1, [[1, b"x", 7]]]], [], {}],                   # entry type
+    [1, 1, 1, "L", [], [[7, "f1", 0, 0, 1, 0, b""]], {}],            # heartbeat with entries
+    [1, -1, 1, "L", [], [], {}], [1, 1, 1, "", [], [], {}], [1, 1, 1, "L", [], [], []],
+    [2, 0, "L", []], [2, 1, "L", [[5, 0, 0, 0, b"", "x"]]], [2, 1, "L", [[7, 0, 0, 0, b"",
+                                                                        [[1, b"x", 0]]]]],
+    [3, 1, "L", [[5, 1, 1, False, 0, b""]]], [3, 1, "L", [[6, 1, 1, 0, 0, b""]]],
+    [4, 1, 1, [["f", 6, 1, 1, False, 0]], []], [4, 1, 1, [], [7]], [5], [5, "x"],
+])
+def test_malformed_payloads_are_wire_errors(payload):
+    with pytest.raises(wire.WireError):
+        kind = wire.kind_of(payload)
+        decoder = {wire.Kind.BATCH: wire.decode_batch, wire.Kind.REPLY: wire.decode_replies,
+                   wire.Kind.DIRECT: wire.decode_direct}.get(kind)
+        if kind is wire.Kind.RELAY:
+            wire.decode_relay(payload, "f1")
+        elif kind is wire.Kind.REPORT:
+            wire.decode_report(payload, "L")
+        else:
+            decoder(payload)
+
+
+def test_mutated_frames_never_raise_anything_but_wire_errors():
+    """Random corruption of valid payloads: a decoder answers or says WireError, never more."""
+    rng = random.Random(7)
+    batch = wire.encode_batch(1, TERM, "L", [append("f1", 10, 3), heartbeat("f2")], {})
+    valid = [batch, wire.encode_relay(TERM, "L", [[5, TERM, 10, 3, b"", [[TERM, b"x", 0]]]]),
+             wire.encode_replies(TERM, "L", [Message(MT.APPEND_RESP, "L", "f1", TERM)]),
+             wire.encode_report(TERM, 1, [("f1", [MT.APPEND_RESP, 1, 1, False, 0, b""])], ()),
+             wire.encode_direct(TERM)]
+    junk = [None, True, -1, 2**70, "s", b"b", [], {}, [[]], 1.5]
+
+    def mutate(value):
+        if isinstance(value, list) and value and rng.random() < 0.7:
+            copy = list(value)
+            k = rng.randrange(len(copy))
+            copy[k] = mutate(copy[k])
+            return copy
+        return rng.choice(junk)
+
+    decoders = [wire.decode_batch, lambda p: wire.decode_relay(p, "f1"), wire.decode_replies,
+                lambda p: wire.decode_report(p, "L"), wire.decode_direct]
+    for _ in range(3000):
+        k = rng.randrange(len(valid))
+        try:
+            decoders[k](mutate(valid[k]))
+        except wire.WireError:
+            pass
+
+
+# -- the leader's core ------------------------------------------------------------------------
+
+
+def test_leader_relays_east_targets_only_once_ready():
+    core = leader_core()
+    msgs = [append("f0", 10, 2), append("f1", 10, 2), heartbeat("o1"),
+            Message(MT.SNAPSHOT, "f2", "L", TERM)]
+    core.set_leadership(TERM, False)   # the term's no-op is not committed yet
+    batch = list(msgs)
+    assert core.route(batch, 1.0) == [] and batch == msgs
+    core.set_leadership(TERM, True)
+    [(secretary, payload)] = core.route(batch, 1.0)
+    assert secretary == "s1"
+    assert batch == [msgs[0], msgs[3]]   # west follower and the snapshot go directly
+    frame = wire.decode_batch(through_wire(payload))
+    assert [t.to for t in frame.targets] == ["f1", "o1"]
+    assert frame.addresses == {"f1": "10.0.0.1:1", "o1": "10.0.0.9:9"}
+    # Addresses travel once per assignment.
+    [(_, payload)] = core.route([heartbeat("f1")], 1.1)
+    assert wire.decode_batch(payload).addresses == {}
+
+
+def test_leader_never_relays_another_terms_or_nodes_messages():
+    core = leader_core()
+    old = Message(MT.APPEND, "f1", "L", TERM - 1, index=3)
+    foreign = Message(MT.APPEND, "f1", "X", TERM, index=3)
+    vote = Message(MT.VOTE, "f1", "L", TERM)
+    gap = Message(MT.APPEND, "f1", "L", TERM, index=3, entries=(Entry(TERM, 5),))
+    batch = [old, foreign, vote, gap]
+    assert core.route(batch, 1.0) == [] and len(batch) == 4
+
+
+def test_frames_respect_the_window_and_oversized_messages_go_directly():
+    core = leader_core(window=4)
+    big = append("f1", 20, 5)                        # more than the window on its own
+    parts = [append("f2", 10, 3), append("f3", 13, 3)]  # 6 distinct entries: two frames
+    batch = [big, *parts]
+    frames = core.route(batch, 1.0)
+    assert batch == [big]
+    assert [len(wire.decode_batch(p).entries) for _, p in frames] == [3, 3]
+
+
+def test_rendezvous_split_is_stable_and_moves_only_the_lost_secretarys_followers():
+    core = leader_core({"s1": "east", "s2": "east", "s3": "east"})
+    targets = ["f1", "f2", "f3", "o1"]
+    before = {t: core.secretary_for(t, 1.0) for t in targets}
+    assert len(set(before.values())) > 1   # the work is shared
+    again = leader_core({"s3": "east", "s2": "east", "s1": "east"})
+    assert {t: again.secretary_for(t, 1.0) for t in targets} == before   # any leader agrees
+    lost = before["f1"]
+    core.member_changed(DirectoryEntry(lost, "secretary", "east", "dead"), 2.0)
+    after = {t: core.secretary_for(t, 2.0) for t in targets}
+    assert all(after[t] == before[t] for t in targets if before[t] != lost)
+    assert lost not in after.values()
+
+
+def test_single_split_hands_a_datacenter_to_one_secretary():
+    core = leader_core({"s1": "east", "s2": "east"}, split="single")
+    assert len({core.secretary_for(t, 1.0) for t in ("f1", "f2", "f3", "o1")}) == 1
+
+
+def test_datacenter_settings_limit_where_secretaries_are_used():
+    assert leader_core(exclude_datacenters=frozenset({"east"})).secretary_for("f1", 1.0) is None
+    assert leader_core(datacenters=frozenset({"west"})).secretary_for("f1", 1.0) is None
+    assert leader_core(datacenters=frozenset({"east"})).secretary_for("f1", 1.0) == "s1"
+
+
+def test_followers_without_the_relay_tag_are_served_directly():
+    core = leader_core()
+    core.member_changed(DirectoryEntry("f2", "voter", "east", "alive", relay=False), 0.0)
+    assert core.secretary_for("f2", 1.0) is None and core.secretary_for("f1", 1.0) == "s1"
+
+
+def test_missed_deadline_takes_followers_back_and_benches_with_backoff():
+    core = leader_core()
+    core.route([append("f1", 10, 1), heartbeat("f2")], 1.0)
+    assert core.check(1.2) == []
+    [tb] = core.check(1.31)
+    assert (tb.secretary, tb.targets, tb.reason) == ("s1", ("f1", "f2"), "deadline")
+    assert core.secretary_for("f1", 1.31) is None       # benched for rehire_after
+    assert core.secretary_for("f1", 3.32) == "s1"       # hired again
+    core.route([heartbeat("f1")], 3.4)
+    [tb] = core.check(3.8)
+    assert core.secretary_for("f1", 6.0) is None        # second miss: benched for 4 s
+    assert core.secretary_for("f1", 7.9) == "s1"
+    assert core.stats.takebacks == {"deadline": 2}
+
+
+def test_report_fencing_and_acknowledgement():
+    core = leader_core()
+    [(_, payload)] = core.route([append("f1", 10, 1)], 1.0)
+    seq = payload[1]
+    reply = [("f1", [MT.APPEND_RESP, 11, 0, False, 0, b""])]
+    old = wire.decode_report(wire.encode_report(TERM - 1, seq, reply, ()), "L")
+    assert core.on_report("s1", old, 1.1) == []          # another term: ignored
+    assert core.on_report("s9", wire.decode_report(
+        wire.encode_report(TERM, seq, reply, ()), "L"), 1.1) == []   # not hired: ignored
+    assert core.stats.stale_reports == 2
+    good = wire.decode_report(wire.encode_report(TERM, seq, reply, ()), "L")
+    assert core.on_report("s1", good, 1.2) == [Message(MT.APPEND_RESP, "L", "f1", TERM,
+                                                       index=11)]
+    assert core.check(5.0) == []   # acknowledged: no deadline pending
+
+
+def test_silent_follower_is_served_directly_for_a_while():
+    core = leader_core()
+    core.route([heartbeat("f1"), heartbeat("f2")], 1.0)
+    report = wire.decode_report(wire.encode_report(
+        TERM, 1, [("f2", [MT.HEARTBEAT_RESP, 0, 0, False, 0, b""])], ()), "L")
+    core.on_report("s1", report, 1.1)
+    assert core.check(1.44) == []
+    [tb] = core.check(1.46)   # f1 said nothing for 1.5 deadlines
+    assert (tb.targets, tb.reason) == (("f1",), "follower_silent")
+    assert core.secretary_for("f1", 1.5) is None and core.secretary_for("f2", 1.5) == "s1"
+    assert core.secretary_for("f1", 3.5) == "s1"
+
+
+def test_secretary_reporting_a_follower_unreachable_hands_it_back():
+    core = leader_core()
+    core.route([heartbeat("f1")], 1.0)
+    core.on_report("s1", wire.decode_report(wire.encode_report(TERM, 1, [], ["f1"]), "L"), 1.1)
+    [tb] = core.check(1.1)
+    assert (tb.targets, tb.reason) == (("f1",), "follower_unreachable")
+
+
+def test_gossip_takes_back_at_once_and_a_new_term_starts_clean():
+    core = leader_core()
+    core.route([heartbeat("f1")], 1.0)
+    [tb] = core.member_changed(DirectoryEntry("s1", "secretary", "east", "suspect"), 1.05)
+    assert (tb.reason, tb.targets) == ("suspect", ("f1",))
+    core.member_changed(DirectoryEntry("s1", "secretary", "east", "alive"), 1.1)
+    core.route([heartbeat("f1")], 1.1)
+    core.set_leadership(TERM + 1, False)   # re-elected: nothing outstanding, not relaying
+    assert core.check(10.0) == [] and core.route([heartbeat("f1")], 10.0) == []
+
+
+# -- the secretary's core ---------------------------------------------------------------------
+
+
+def batch(seq: int, term: int = TERM, leader: str = "L", msgs=None) -> wire.Batch:
+    msgs = msgs if msgs is not None else [append("f1", 10, 2), heartbeat("f2")]
+    msgs = [Message(m.type, m.to, leader, term, log_term=m.log_term, index=m.index,
+                    entries=m.entries, commit=m.commit) for m in msgs]
+    return wire.decode_batch(through_wire(wire.encode_batch(seq, term, leader, msgs, {})))
+
+
+def reply_from(frm: str, term: int = TERM, leader: str = "L") -> wire.Replies:
+    return wire.decode_replies(through_wire(wire.encode_replies(
+        term, leader, [Message(MT.APPEND_RESP, leader, frm, term, index=12)])))
+
+
+def test_secretary_relays_and_reports_once_everyone_answered():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    out = sec.on_batch("L", batch(1), 1.0)
+    assert [to for to, _ in out] == ["f1", "f2"]
+    assert sec.flush_at == pytest.approx(1.002)
+    assert sec.on_replies("f1", reply_from("f1"), 1.0005) is False
+    assert sec.on_replies("f2", reply_from("f2"), 1.001) is True   # all answered
+    leader, payload = sec.flush()
+    report = wire.decode_report(through_wire(payload), "L")
+    assert leader == "L" and report.ack_seq == 1
+    assert [m.frm for m in report.replies] == ["f1", "f2"]
+    assert sec.flush() is None   # nothing new
+
+
+def test_secretary_acknowledges_batches_even_without_replies():
+    sec = SecretaryRelay("s1")
+    sec.on_batch("L", batch(3), 1.0)
+    _, payload = sec.flush()
+    assert wire.decode_report(payload, "L").ack_seq == 3
+
+
+def test_secretary_fencing():
+    sec = SecretaryRelay("s1")
+    assert sec.on_batch("X", batch(1), 1.0) == []                    # not from its leader
+    sec.on_batch("L", batch(1), 1.0)
+    sec.on_replies("f1", reply_from("f1"), 1.0)
+    assert sec.on_batch("L", batch(2, term=TERM - 1), 1.0) == []     # older term
+    assert sec.on_batch("M", batch(2, leader="M"), 1.0) == []        # same term, other leader
+    assert sec.on_replies("f2", reply_from("f2", term=TERM - 1), 1.0) is False
+    assert sec.on_replies("f2", reply_from("f2", leader="M"), 1.0) is False
+    # A higher term: the old assignment's buffered reply is dropped, never forwarded.
+    assert sec.on_batch("M", batch(1, term=TERM + 1, leader="M"), 1.1)
+    leader, payload = sec.flush()
+    report = wire.decode_report(payload, "M")
+    assert leader == "M" and report.term == TERM + 1 and report.replies == ()
+    assert sec.stats.dropped == {"not_from_leader": 1, "stale_term": 1,
+                                 "conflicting_leader": 1, "stale_reply": 2}
+
+
+def test_secretary_refuses_batches_larger_than_its_window():
+    sec = SecretaryRelay("s1", window=2)
+    assert sec.on_batch("L", batch(1, msgs=[append("f1", 10, 3)]), 1.0) == []
+    assert sec.stats.dropped == {"window": 1}
+
+
+def test_unreachable_follower_is_reported():
+    sec = SecretaryRelay("s1")
+    sec.on_batch("L", batch(1), 1.0)
+    sec.unreachable("f2")
+    _, payload = sec.flush()
+    assert wire.decode_report(payload, "L").unreachable == ("f2",)
+
+
+# -- the follower's core ----------------------------------------------------------------------
+
+
+def relay(term: int = TERM, leader: str = "L") -> wire.Relay:
+    return wire.decode_relay(wire.encode_relay(term, leader, [[int(MT.HEARTBEAT), 0, 0, 3, b"",
+                                                               []]]), "f1")
+
+
+def test_follower_replies_through_the_secretary_that_relayed():
+    fol = FollowerRelay("f1", ttl=0.3)
+    [m] = fol.on_relay("s1", relay(), 1.0)
+    assert m == Message(MT.HEARTBEAT, "f1", "L", TERM, commit=3)
+    out = [Message(MT.HEARTBEAT_RESP, "L", "f1", TERM),
+           Message(MT.APPEND_RESP, "L", "f1", TERM + 1),     # another term: direct
+           Message(MT.APPEND_RESP, "M", "f1", TERM),         # another leader: direct
+           Message(MT.VOTE, "L", "f1", TERM)]
+    secretary, picked, payload = fol.take_replies(out, 1.1)
+    assert secretary == "s1" and picked == [out[0]]
+    assert wire.decode_replies(payload).items[0][0] is MT.HEARTBEAT_RESP
+
+
+def test_follower_route_expires_and_is_dropped_on_a_direct_notice():
+    fol = FollowerRelay("f1", ttl=0.3)
+    fol.on_relay("s1", relay(), 1.0)
+    reply = [Message(MT.HEARTBEAT_RESP, "L", "f1", TERM)]
+    assert fol.take_replies(reply, 1.31) is None       # no relay for longer than the ttl
+    fol.on_relay("s1", relay(), 2.0)
+    fol.on_direct("X", TERM)                           # only the leader can say so
+    assert fol.take_replies(reply, 2.1) is not None
+    fol.on_direct("L", TERM)
+    assert fol.take_replies(reply, 2.1) is None
+
+
+def test_follower_route_only_moves_forward_in_terms():
+    fol = FollowerRelay("f1", ttl=0.3)
+    fol.on_relay("s2", relay(term=TERM + 1, leader="M"), 1.0)
+    fol.on_relay("s1", relay(), 1.0)                   # a late relay of the old term
+    assert fol.status() == {"leader": "M", "term": TERM + 1, "secretary": "s2"}
+    assert fol.on_relay("s1", relay(leader="f1"), 1.0) == []   # nonsense: "from" itself
+
+
+def test_entries_keep_their_type_through_the_relay():
+    conf = Entry(TERM, 11, b"1:n4", EntryType.CONF_CHANGE)
+    m = Message(MT.APPEND, "f1", "L", TERM, log_term=TERM, index=10, entries=(conf,), commit=9)
+    b = wire.decode_batch(through_wire(wire.encode_batch(1, TERM, "L", [m], {})))
+    [t] = b.targets
+    got = wire.decode_relay(through_wire(wire.encode_relay(
+        TERM, "L", [wire.relay_item(t, b.wire_entries(t))])), "f1")
+    assert got.messages == (m,)
