@@ -5,9 +5,9 @@ between its call and its return such that, taken in the order of those instants,
 are a legal sequential execution of one key-value map. The model and the search follow porcupine
 (Athalye): the history is split per key, because linearizability is local (Herlihy and Wing
 §3.3, "locality"), and each key is searched with the Wing-Gong-Lowe algorithm (Lowe, "Testing for
-linearizability", 2017), memoising (set of linearized operations, value) so that no state of the
-search is explored twice. Each key's search has a time budget and answers "unknown" rather than
-hang.
+linearizability", 2017), memoising the states explored so that none is explored twice, with
+reductions that keep timed-out operations from blowing the search up (see _search). Each key's
+search has a time budget and answers "unknown" rather than hang.
 
 Outcomes recorded by a client:
 
@@ -334,13 +334,13 @@ def _merge_unread_values(ops: list[_Op]) -> None:
 _NO_DUTY = object()    # the search state after a linearization that owes nothing
 
 
-def _differs(op: _Op, value: str | None, before: str | None) -> bool:
-    """Whether ``op`` is legal or acts differently at ``value`` than at ``before``."""
-    if op.kind == _READ:
-        return (op.output == value) != (op.output == before)
-    if op.kind == _CAS:
-        return (op.target == value) != (op.target == before)
-    return op.kind == _BARRIER
+def _differs(op: _Op, value: Any, before: Any) -> bool:
+    """Whether the lazy ``op`` acts differently at ``value`` than at ``before``.
+
+    Lazy operations are writes, which act the same everywhere, and cas, which act according to
+    whether their expectation matches.
+    """
+    return op.kind == _CAS and (op.target == value) != (op.target == before)
 
 
 def _search(ops: list[_Op], deadline: float, clock: Callable[[], float], *,
@@ -488,10 +488,12 @@ def _search(ops: list[_Op], deadline: float, clock: Callable[[], float], *,
             continue
         elif kind < n_kinds:                             # pass 2: a lazy kind
             op = kinds[kind]
-            legal, new_value = _step(value, op)
+            if op.call > horizon:        # kinds come by first call: no later one is called yet
+                kind = n_kinds
+                continue
+            _, new_value = _step(value, op)
             if (new_value != value and (duty is _NO_DUTY or _differs(op, value, duty))
-                    and (used[kind] if exact else 0) < bisect.bisect_right(members[kind],
-                                                                            horizon)):
+                    and (not exact or used[kind] < bisect.bisect_right(members[kind], horizon))):
                 chosen = -1 - kind
         if chosen is not None:
             new_duty, new_done, new_used = _NO_DUTY, done, used
@@ -610,33 +612,55 @@ def _find_window(result: CheckResult, ops: list[Operation], hint: float, deadlin
 # --- reports and files ----------------------------------------------------------------------
 
 def render_window(result: CheckResult, width: int = 40) -> str:
-    """Render a check result as text: for an illegal history, a timeline of its bad window."""
+    """Render a check result as text: for an illegal history, a timeline of its bad window.
+
+    Each operation of the window is a bar from its call to its answer (``<`` when called
+    before the window, ``>`` when answered after it or never). Operations with unknown outcome
+    pending since before the window are summarised below the timeline, grouped by effect.
+    """
     if result.verdict == "ok":
         return f"linearizable ({len(result.per_key)} keys checked)"
     if result.verdict == "unknown":
         undecided = sorted(k for k, v in result.per_key.items() if v == "unknown")
         return f"undecided: the search ran out of time on keys {undecided}"
     lines = [f"not linearizable: key {result.bad_key!r}"]
-    if result.window_end is None:
-        lines.append("(the window search ran out of time: the key's whole history follows)")
+    start, end = result.window_start, result.window_end
+    if start is None or end is None:
+        lines.append("(no time left to narrow it down: the key's whole history follows)")
+        start = min((op.call for op in result.window), default=0.0)
+        end = max((op.ret for op in result.window if op.ret is not None), default=start)
+    else:
+        lines.append(f"window: {start:.3f} (the call of the operation marked below) to "
+                     f"{end:.3f} (its answer); no order of these operations is legal from "
+                     "any state the key may be in at the start")
     if result.start_values is not None:
-        values = " or ".join(sorted(_show(v) for v in result.start_values)) or "none (no order)"
-        lines.append(f"value when the window starts: {values}")
-    start = result.window_start if result.window_start is not None else -_INF
-    t0 = min((op.call for op in result.window if op.call >= start), default=0.0)
-    t1 = result.window_end if result.window_end is not None else max(
-        (op.ret for op in result.window if op.ret is not None), default=t0)
-    scale = (width - 1) / (t1 - t0) if t1 > t0 else 0.0
+        values = " or ".join(sorted(_show(v) for v in result.start_values)) or "none"
+        lines.append(f"value at the start of the window: {values}")
+    pending = [op for op in result.window if op.call < start and op.unknown]
+    scale = (width - 1) / (end - start) if end > start else 0.0
     culprits = {id(op) for op in result.culprits}
     for op in result.window:
-        lo = max(0, round((op.call - t0) * scale))
-        late = op.ret is None or (result.window_end is not None and op.ret > result.window_end)
-        hi = width - 1 if late else min(width - 1, round((op.ret - t0) * scale))
-        bar = "<" if op.call < t0 else "["
-        bar = " " * lo + bar + "=" * max(0, hi - lo - 1) + (">" if late else "]")
+        if op.call < start and op.unknown:
+            continue
+        lo = max(0, round((op.call - start) * scale))
+        late = op.ret is None or op.ret > end
+        hi = width - 1 if late else min(width - 1, round((op.ret - start) * scale))
+        bar = " " * lo + ("<" if op.call < start else "[") + "=" * max(0, hi - lo - 1) + (
+            ">" if late else "]")
         when = f"{op.call:.3f}..{'?' if op.ret is None else f'{op.ret:.3f}'}"
-        note = "  <- cannot be linearized" if id(op) in culprits else ""
+        note = "   <- cannot be linearized" if id(op) in culprits else ""
         lines.append(f"  c{op.client:<4} {bar:<{width + 1}} {when:<21} {_describe(op)}{note}")
+    if pending:
+        lines.append("pending since before the window with unknown outcome (each may take "
+                     "effect at any point, or never):")
+        groups: dict[str, list[Operation]] = {}
+        for op in pending:
+            groups.setdefault(_describe(op), []).append(op)
+        for what, ops in groups.items():
+            clients = ", ".join(f"c{c}" for c in sorted({op.client for op in ops}))
+            calls = f"{ops[0].call:.3f}" if len(ops) == 1 else (
+                f"{len(ops)} of them, called {ops[0].call:.3f}..{ops[-1].call:.3f}")
+            lines.append(f"  {what.removesuffix(' (outcome unknown)')}: {calls} by {clients}")
     return "\n".join(lines)
 
 
@@ -683,8 +707,8 @@ def load_history(path: str | Path) -> list[Operation]:
                 if not isinstance(record, dict) or not record.keys() <= names:
                     raise ValueError(f"expected an object with fields from {sorted(names)}")
                 op = Operation(**record)
+                _validate(number, op)
             except (ValueError, TypeError) as exc:
                 raise ValueError(f"{path}:{number}: not an operation: {exc}") from None
-            _validate(number, op)
             ops.append(op)
     return ops
