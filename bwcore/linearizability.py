@@ -126,8 +126,8 @@ def check_history(ops: Iterable[Operation], *, timeout_s: float = 10.0,
     For an illegal key the result also carries the smallest bad window. Its end is the
     earliest answer after which the key's history is already illegal (operations answered later
     count as unknown up to there); the answering operations are the culprits. It starts when
-    the first culprit was called and holds every operation called since, and every operation
-    still in flight then. No order of the window's operations is legal from any state the key
+    the first culprit was called and holds every operation called from then to its end, and
+    every operation still in flight when it starts. No order of the window's operations is legal from any state the key
     may be in at its start: ``start_values`` lists the values it may hold there.
 
     Args:
