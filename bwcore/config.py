@@ -342,8 +342,9 @@ def _security(table: _Table, base: Path) -> SecurityConfig:
     secret_path = base / secret_name
     try:
         secret = secret_path.read_bytes().rstrip(b"\r\n")
-    except OSError as exc:
-        table.fail("cluster_secret_file", f"cannot read {secret_path}: {exc.strerror or exc}")
+    except (OSError, ValueError) as exc:  # ValueError: a NUL character in the path
+        table.fail("cluster_secret_file", f"cannot read {secret_path}: "
+                                          f"{getattr(exc, 'strerror', None) or exc}")
     if len(secret) < MIN_SECRET_BYTES:
         table.fail("cluster_secret_file", f"{secret_path} holds {len(secret)} bytes; a cluster"
                                           f" secret needs at least {MIN_SECRET_BYTES}")
