@@ -53,6 +53,8 @@ log = structlog.get_logger("bwcore.api")
 #: Marks a request one node forwarded to the leader; a forwarded request is never forwarded
 #: again (a stale leader hint must not bounce a request around the cluster).
 FORWARDED_BY_HEADER = b"X-Bwraft-Forwarded-By"
+#: Idle connections to the leader kept for forwarding writes (concurrent forwards reuse them).
+FORWARD_POOL_SIZE = 128
 MAX_KEY_BYTES = 1024
 MAX_REQUEST_ID_CHARS = 256
 CONSISTENCY_LEVELS = ("linearizable", "stale")
@@ -510,6 +512,9 @@ class ApiResource(Resource):
             from twisted.web.client import Agent, HTTPConnectionPool
 
             self._pool = HTTPConnectionPool(self.reactor, persistent=True)
+            # Twisted keeps 2 idle connections per host by default: with more concurrent
+            # writes than that, every forward beyond the second paid a TCP connect and close.
+            self._pool.maxPersistentPerHost = FORWARD_POOL_SIZE
             self._agent = Agent(self.reactor, connectTimeout=self.forward_timeout, pool=self._pool)
         return self._agent
 

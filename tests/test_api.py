@@ -18,7 +18,13 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 
-from bwcore.api import FORWARDED_BY_HEADER, ApiResource, ApiSite, make_api_service
+from bwcore.api import (
+    FORWARD_POOL_SIZE,
+    FORWARDED_BY_HEADER,
+    ApiResource,
+    ApiSite,
+    make_api_service,
+)
 from bwcore.errors import NotLeader, Unavailable
 from bwraft_plugins.kv import KVStateMachine
 
@@ -365,6 +371,15 @@ def test_forwarding_can_be_turned_off(node: FakeNode) -> None:
     http = Http(ApiResource(node, agent=agent, forward=False))
     assert http.request("GET", "/v1/kv/k").headers["location"] == "http://127.0.0.1:8002/v1/kv/k"
     assert agent.sent == []
+
+
+def test_the_default_forwarding_agent_keeps_a_connection_per_concurrent_write(
+        node: FakeNode) -> None:
+    """The default agent keeps FORWARD_POOL_SIZE idle connections to the leader, not
+    Twisted's default of 2, so concurrent forwards do not each open a new connection."""
+    resource = ApiResource(node, reactor=MemoryReactorClock())
+    assert resource.agent is resource.agent
+    assert resource._pool.maxPersistentPerHost == FORWARD_POOL_SIZE >= 64
 
 
 def test_status_members_and_metrics(node: FakeNode, http: Http) -> None:
