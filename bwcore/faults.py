@@ -12,10 +12,9 @@ node builds a :class:`FaultInjector` and plugs it in at its edges:
   a blocked peer's gossip address are dropped, so SWIM sees the partition too.
 
 The set of blocked peers is set through ``/v1/admin/faults`` (``bwcore.admin.FaultsEndpoint``,
-an admin route: see :mod:`bwcore.admin` for who may call it); ``bwraft chaos`` uses it to cut a cluster
-into two sides. Client HTTP traffic
-is not affected, and neither is a write a follower forwards to the leader's API over HTTP:
-only Raft frames and gossip datagrams cross the simulated partition.
+an admin route: see :mod:`bwcore.admin` for who may call it); ``bwraft chaos`` uses it to cut
+a cluster into two sides. Client HTTP traffic is not affected, and neither is a write a
+follower forwards to the leader's API over HTTP: only Raft frames and gossip datagrams are cut.
 
 Nothing here is active unless the config enables it, and ``enabled`` defaults to false.
 """

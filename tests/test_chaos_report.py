@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 
 from bwcore import cli
-from bwcore.chaos import ChaosError, ChaosOptions
-from bwcore.chaos.nemesis import FaultEvent
-from bwcore.chaos.report import (FINAL_READER, availability, lost_writes, render_summary,
+from bwcore.chaos import ChaosError, ChaosOptions, check_file, validate
+from bwcore.chaos_nemesis import FaultEvent
+from bwcore.chaos_report import (FINAL_READER, availability, lost_writes, render_summary,
                                  summarize)
-from bwcore.chaos.runner import check_file, validate
 from bwcore.linearizability import Operation, check_history, dump_history
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from bwcore import cluster as local
 from bwcore.chaos import ChaosError, ChaosOptions, ClientSettings, run_chaos
-from bwcore.chaos.clients import http_request
-from bwcore.chaos.setup import helper_role_problem, start_cluster
+from bwcore.chaos_clients import http_request
+from bwcore.chaos import helper_role_problem, start_cluster
 from bwcore.client import Client, Unavailable
 from tests.integration.support import TICK_MS, kill_all, wait_for
 
@@ -73,7 +73,8 @@ def test_chaos_with_helpers_replaces_them_or_refuses_clearly(tmp_path: Path) -> 
     problems = [p for p in (helper_role_problem("observer"), helper_role_problem("secretary"))
                 if p]
     if problems:
-        with pytest.raises(ChaosError, match=r"cannot run (observers|secretaries): the '(observer|secretary)' role plugin"):
+        refused = r"cannot run (observers|secretaries): the '(observer|secretary)' role plugin"
+        with pytest.raises(ChaosError, match=refused):
             chaos(tmp_path, ("helpers", "kill"), 4, observers=2, secretaries=1)
         with pytest.raises(ChaosError, match="the helpers fault kills and replaces"):
             chaos(tmp_path, ("helpers",), 4)

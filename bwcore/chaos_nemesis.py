@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from bwcore import cluster as local
-from bwcore.chaos.clients import Endpoints, http_request
+from bwcore.chaos_clients import Endpoints, http_request
 
 __all__ = ["FAULT_KINDS", "FaultEvent", "Nemesis"]
 
@@ -188,7 +188,7 @@ class Nemesis:
         # Helpers are stateless: a replacement starts with nothing, here or under a new id.
         shutil.rmtree(old.folder / "data", ignore_errors=True)
         if self.rng.random() < 0.5:
-            from bwcore.chaos.setup import add_node
+            from bwcore.chaos import add_node
 
             new = add_node(self.cluster, old.role, old.datacenter)
             event.detail = f"replaced by new node {new.id}"

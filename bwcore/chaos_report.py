@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bwcore.chaos.nemesis import FaultEvent
+from bwcore.chaos_nemesis import FaultEvent
 from bwcore.linearizability import CheckResult, Operation, render_window
 
 __all__ = ["FINAL_READER", "Availability", "availability", "lost_writes", "render_summary",

@@ -1,8 +1,17 @@
-"""One chaos run: cluster, clients, nemesis, final reads, checks, files.
+"""``bwraft chaos``: fault injection against a real local cluster, checked for linearizability.
 
-Phases:
+Like Jepsen against etcd, but against processes on this machine: clients run random KV
+operations while a nemesis kills, pauses and partitions nodes (and replaces helpers); the
+recorded history is then checked for linearizability and for lost acknowledged writes.
+See docs/chaos.md. The parts: :mod:`bwcore.chaos_clients` (operations and their outcomes),
+:mod:`bwcore.chaos_nemesis` (faults), :mod:`bwcore.chaos_report` (verdict, lost writes,
+availability), and this module (the cluster, and one run from start to files).
+
+A run's phases:
 
 1. Bring up a new local cluster in ``dir`` (fault injection enabled), or reuse the one there.
+   A chaos cluster is an ordinary ``bwraft cluster`` whose nodes also have
+   ``[faults] enabled = true``, so that partitions need no root.
 2. Fault phase (``duration`` seconds): ``clients`` threads issue operations while the nemesis
    injects faults one at a time.
 3. Heal: the nemesis resumes, heals and restarts everything; the cluster must elect a leader.
@@ -15,25 +24,27 @@ Phases:
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
 
 from bwcore import cluster as local
-from bwcore.chaos.clients import ChaosClient, ClientSettings, Endpoints
-from bwcore.chaos.nemesis import FAULT_KINDS, FaultEvent, Nemesis
-from bwcore.chaos.report import (FINAL_READER, availability, lost_writes, render_summary,
+from bwcore.chaos_clients import ChaosClient, ClientSettings, Endpoints, http_request
+from bwcore.chaos_nemesis import FAULT_KINDS, FaultEvent, Nemesis
+from bwcore.chaos_report import (FINAL_READER, availability, lost_writes, render_summary,
                                  summarize)
-from bwcore.chaos.setup import (check_fault_injection, helper_role_problem, start_cluster)
 from bwcore.linearizability import (CheckResult, Operation, check_history, dump_history,
                                     load_history, render_window)
 
-__all__ = ["ChaosError", "ChaosOptions", "EXIT_FAILED", "EXIT_OK", "EXIT_VIOLATION",
-           "check_file", "run_chaos"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_VIOLATION", "FAULT_KINDS", "ChaosError",
+           "ChaosOptions", "ClientSettings", "add_node", "check_fault_injection", "check_file",
+           "enable_fault_injection", "helper_role_problem", "run_chaos", "start_cluster"]
 
 EXIT_OK, EXIT_VIOLATION, EXIT_FAILED = 0, 1, 3
 
@@ -63,6 +74,94 @@ class ChaosOptions:
     client_settings: ClientSettings = field(default_factory=ClientSettings)
     log: Callable[[str], None] = print
 
+
+# -- the cluster ----------------------------------------------------------------------------
+
+_FAULTS_TABLE = "\n[faults]\nenabled = true\n"
+
+
+def helper_role_problem(role: str) -> str | None:
+    """Why nodes of a helper ``role`` cannot run here, or None when its plugin loads."""
+    found = [ep for ep in entry_points(group="bwraft") if ep.name == role]
+    if not found:
+        return f"the '{role}' role plugin is not installed"
+    try:
+        found[0].load()
+    except Exception as exc:  # noqa: BLE001 - any failure means the role cannot run
+        return (f"the '{role}' role plugin ({found[0].value}) cannot be loaded: "
+                f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def enable_fault_injection(cluster: local.Cluster) -> None:
+    """Add ``[faults] enabled = true`` to every node's config that lacks a ``[faults]`` table."""
+    for node in cluster.nodes.values():
+        text = node.config.read_text(encoding="utf-8")
+        if "\n[faults]" not in text and not text.startswith("[faults]"):
+            node.config.write_text(text.rstrip("\n") + "\n" + _FAULTS_TABLE, encoding="utf-8")
+
+
+def start_cluster(directory: Path, *, voters: int, observers: int, secretaries: int,
+                  datacenters: list[str], tick_ms: int, timeout: float = 60.0
+                  ) -> local.Cluster:
+    """Plan, write (with fault injection enabled), start and wait for a new cluster.
+
+    Raises:
+        ClusterError: As :func:`bwcore.cluster.up`; every started process is stopped again.
+    """
+    cluster = local.plan(directory, voters=voters, observers=observers,
+                         secretaries=secretaries, datacenters=datacenters, tick_ms=tick_ms)
+    cluster.dir.mkdir(parents=True, exist_ok=True)
+    local.write_files(cluster)
+    enable_fault_injection(cluster)
+    try:
+        for node_id in cluster.nodes:
+            local.start_node(cluster, node_id)
+        local.wait_for_leader(cluster, timeout, among=list(cluster.nodes))
+    except BaseException:
+        local.down(cluster, grace=5.0)
+        raise
+    return cluster
+
+
+def add_node(cluster: local.Cluster, role: str, datacenter: str) -> local.NodeInfo:
+    """Plan one more node of ``role`` (a new id, free ports) and write its files; not started."""
+    prefix = {"observer": "obs", "secretary": "sec"}.get(role, "n")
+    taken = {int(i[len(prefix):]) for i in cluster.nodes
+             if i.startswith(prefix) and i[len(prefix):].isdigit()}
+    node_id = f"{prefix}{max(taken, default=0) + 1}"
+    any_node = next(iter(cluster.nodes.values()))
+    host = any_node.raft.rpartition(":")[0]
+    raft, gossip, api = (f"{host}:{port}" for port in local.free_ports(3, host.strip("[]")))
+    folder = cluster.dir / node_id
+    node = local.NodeInfo(id=node_id, role=role, datacenter=datacenter, api=f"http://{api}",
+                          raft=raft, gossip=gossip, config=folder / "node.toml",
+                          pidfile=folder / "twistd.pid", logfile=folder / "node.log")
+    cluster.nodes[node_id] = node
+    local.write_files(cluster)
+    enable_fault_injection(cluster)
+    return node
+
+
+def check_fault_injection(cluster: local.Cluster, admin_token: str = "") -> list[str]:
+    """Ids of running nodes whose fault-injection route is not available (disabled, refused)."""
+    connections: dict[str, http.client.HTTPConnection] = {}
+    headers = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    missing = []
+    for node_id, node in cluster.nodes.items():
+        if local.running_pid(cluster, node_id) is None:
+            continue
+        outcome = http_request(connections, node.api, "GET", "/v1/admin/faults", None, 2.0,
+                               headers)
+        if outcome.status != 200:
+            said = outcome.body.get("error", "") if isinstance(outcome.body, dict) else ""
+            missing.append(f"{node_id} ({outcome.status or outcome.error}: {said})")
+    for connection in connections.values():
+        connection.close()
+    return missing
+
+
+# -- one run --------------------------------------------------------------------------------
 
 def validate(options: ChaosOptions, existing: local.Cluster | None) -> None:
     """Refuse options that cannot work, with a message saying what to do.
