@@ -16,7 +16,8 @@ Prints one JSON object per run (the same shape as PySyncObj's baseline script:
 writes in flight), plus ``fsync_alone`` (an fsync of a 100-byte append in the leader's data
 folder, what one durable write costs at least) and the CPU seconds each process used.
 
-How the leader is chosen: the followers get a five times longer election timeout, so this
+This process tunes its garbage collector as a node process does (``bwcore.tap.tune_gc``;
+``--default-gc`` to compare). How the leader is chosen: the followers get a five times longer election timeout, so this
 process's node times out and campaigns first; a run whose leader ends up elsewhere fails.
 ``--profile FILE`` writes a cProfile of the reactor thread during the throughput phase.
 """
@@ -47,6 +48,7 @@ from bwcore.kernel import StateRole
 from bwcore.logs import configure_logging
 from bwcore.node import RaftNode
 from bwcore.plugins import PluginHost
+from bwcore.tap import tune_gc
 from bwraft_plugins.kv import encode_command
 
 LEADER = "n1"
@@ -271,8 +273,13 @@ def main() -> None:
     parser.add_argument("--dir", help="folder for the clusters (default: a temporary one;"
                                       " keep it off tmpfs, or fsync costs nothing)")
     parser.add_argument("--profile", help="write a cProfile of the throughput phase here")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="keep CPython's GC thresholds in this process instead of the"
+                             " ones a node process uses (bwcore.tap.tune_gc)")
     args = parser.parse_args()
     configure_logging("warning", "json")
+    if not args.default_gc:
+        tune_gc()  # as `twistd bwraft` does for a node process
 
     async def all_runs(reactor: Any) -> None:
         base = Path(args.dir or tempfile.mkdtemp(prefix="bwraft-node-bench-"))
