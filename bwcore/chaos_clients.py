@@ -47,6 +47,8 @@ class ClientSettings:
             unknown (or, for a read, failed).
         think: Seconds a client waits between two operations.
         observer_read_share: Fraction of reads sent to observers, when there are any.
+        read_consistency: ``"linearizable"``; ``"stale"`` reads are not linearizable and
+            serve only to check that a run catches them (``bwraft chaos --stale-reads``).
     """
 
     keys: tuple[str, ...] = ("k0", "k1", "k2", "k3", "k4", "k5")
@@ -54,6 +56,7 @@ class ClientSettings:
     op_deadline: float = 6.0
     think: float = 0.0
     observer_read_share: float = 0.5
+    read_consistency: str = "linearizable"
 
 
 class Endpoints:
@@ -223,7 +226,7 @@ class ChaosClient:
 
     def get(self, key: str) -> Operation:
         call = self.clock()
-        path = f"/v1/kv/{quote(key, safe='')}?consistency=linearizable"
+        path = f"/v1/kv/{quote(key, safe='')}?consistency={self.settings.read_consistency}"
         give_up_at = time.monotonic() + self.settings.op_deadline
         status, answer = None, None
         while time.monotonic() < give_up_at:

@@ -225,7 +225,9 @@ def _chaos(args: argparse.Namespace) -> int:
             return chaos.check_file(Path(args.check), check_timeout=args.check_timeout)
         if not args.dir:
             raise _UsageError("--dir is required (or --check HISTORY to re-check a history)")
-        settings = chaos.ClientSettings(keys=tuple(f"k{i}" for i in range(args.keys)))
+        settings = chaos.ClientSettings(
+            keys=tuple(f"k{i}" for i in range(args.keys)),
+            read_consistency="stale" if args.stale_reads else "linearizable")
         options = chaos.ChaosOptions(
             dir=Path(args.dir), duration=args.duration, clients=args.clients,
             faults=tuple(k.strip() for k in args.faults.split(",") if k.strip()),
@@ -360,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    " (default: DIR/chaos-runs/<time>-seed<N>)")
     sub.add_argument("--check", metavar="HISTORY",
                      help="only re-check a recorded history.jsonl")
+    sub.add_argument("--stale-reads", action="store_true",
+                     help="self-check: read with consistency=stale, which is not"
+                          " linearizable, so that the run must find a violation")
     sub.set_defaults(handler=_chaos)
     return parser
 

@@ -84,6 +84,27 @@ def test_chaos_with_helpers_replaces_them_or_refuses_clearly(tmp_path: Path) -> 
     assert_clean(summary, "helpers")
 
 
+def test_chaos_catches_stale_reads(tmp_path: Path) -> None:
+    """The tool can fail: reads with consistency=stale during partitions are caught.
+
+    Stale reads answer from a replica's own state at once, so a follower cut off from the
+    leader keeps answering old values after newer writes were acknowledged (the bug class of
+    Jepsen's etcd 0.4 finding).
+    """
+    lines: list[str] = []
+    options = ChaosOptions(dir=tmp_path / "cluster", duration=20.0, clients=3,
+                           faults=("partition",), seed=5, tick_ms=TICK_MS, check_timeout=60.0,
+                           out=tmp_path / "run", log=lines.append,
+                           client_settings=ClientSettings(keys=("a", "b"),
+                                                          read_consistency="stale"))
+    code, summary = run_chaos(options)
+    assert code == 1, "\n".join(lines)
+    assert summary["verdict"] == "violation"
+    assert summary["linearizability"]["verdict"] == "illegal"
+    window = Path(summary["files"]["bad_window"]).read_text()
+    assert window.startswith("not linearizable: key") and "cannot be linearized" in window
+
+
 def admin(node: local.NodeInfo, method: str, body: dict | None = None) -> Any:
     outcome = http_request({}, node.api, method, "/v1/admin/faults", body, 2.0)
     assert outcome.status == 200, outcome
