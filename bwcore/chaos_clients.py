@@ -180,6 +180,8 @@ class ChaosClient:
                 self.step()
                 if self.settings.think:
                     stop.wait(self.settings.think)
+        except Exception as exc:  # noqa: BLE001 - a bug here must show in the report
+            self.errors.append(f"client {self.client_id} stopped: {type(exc).__name__}: {exc}")
         finally:
             for connection in self._connections.values():
                 connection.close()

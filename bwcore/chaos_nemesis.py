@@ -93,7 +93,13 @@ class Nemesis:
                 if stop.wait(self._scaled(1.5, 4.0)):
                     break
                 kind = self.rng.choice(self.kinds)
-                event = self.inject(kind, stop)
+                try:
+                    event = self.inject(kind, stop)
+                except local.ClusterError as exc:
+                    # A node that would not die or start: say so, heal, and go on.
+                    self.problems.append(f"{kind} failed: {str(exc).splitlines()[0]}")
+                    self.heal_all()
+                    continue
                 if event is not None:
                     self._recover(event)
         finally:
@@ -257,7 +263,10 @@ class Nemesis:
         self._heal_partitions()
         for node_id in self.cluster.nodes:
             if local.running_pid(self.cluster, node_id) is None and not self._retired(node_id):
-                local.start_node(self.cluster, node_id)
+                try:
+                    local.start_node(self.cluster, node_id)
+                except local.ClusterError as exc:
+                    self.problems.append(f"restart of {node_id} failed: {exc}")
 
     def _retired(self, node_id: str) -> bool:
         """A helper that a new one replaced stays down."""

@@ -135,7 +135,7 @@ def summarize(*, history: Sequence[Operation], check: CheckResult, lost: Sequenc
     elif check.verdict != "ok":
         verdict = "undecided"
     elif problems:
-        verdict = "no-recovery"
+        verdict = "incomplete"  # no recovery, unreadable keys, a client or fault that failed
     else:
         verdict = "ok"
     outcome = Counter("unknown" if op.unknown else ("ok" if op.ok else "fail")

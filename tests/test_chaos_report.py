@@ -82,7 +82,7 @@ def summary_of(history: list[Operation], problems: tuple[str, ...] = ()) -> dict
 def test_the_verdict_is_a_violation_for_a_lost_write_and_ok_otherwise() -> None:
     good = [put(0, "x", "a", 1, 2), final("x", "a")]
     assert summary_of(good)["verdict"] == "ok"
-    assert summary_of(good, ("no leader",))["verdict"] == "no-recovery"
+    assert summary_of(good, ("no leader",))["verdict"] == "incomplete"
     bad = summary_of([put(0, "x", "a", 1, 2), put(0, "x", "b", 3, 4), final("x", "a")])
     assert bad["verdict"] == "violation" and bad["lost_writes"] == 1
     text = render_summary(bad)
