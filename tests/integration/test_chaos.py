@@ -1,6 +1,6 @@
 """``bwraft chaos`` against real processes: every fault kind, zero violations, zero lost writes.
 
-Each run is CI-sized (3 voters, 3 clients, about 30 s of faults at 50 ms ticks, so that the
+Each run is CI-sized (3 voters, 3 clients, about 40 s of faults at 50 ms ticks, so that the
 election timeout is 0.5-1 s and a run sees several faults). The long runs are described in
 docs/chaos.md. A targeted test also checks that an injected partition really cuts a leader off.
 """
@@ -22,7 +22,7 @@ from tests.integration.support import TICK_MS, kill_all, wait_for
 
 pytestmark = pytest.mark.integration
 
-FAULT_SECONDS = 30.0
+FAULT_SECONDS = 40.0
 
 
 def chaos(tmp_path: Path, faults: tuple[str, ...], seed: int, **kwargs: Any) -> dict[str, Any]:
