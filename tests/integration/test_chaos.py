@@ -8,6 +8,9 @@ docs/chaos.md. A targeted test also checks that an injected partition really cut
 from __future__ import annotations
 
 import json
+import random
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +18,10 @@ import pytest
 
 from bwcore import cluster as local
 from bwcore.chaos import ChaosError, ChaosOptions, ClientSettings, run_chaos
-from bwcore.chaos_clients import http_request
+from bwcore.chaos_clients import Endpoints, http_request
+from bwcore.chaos_nemesis import Nemesis
 from bwcore.chaos import helper_role_problem, start_cluster
-from bwcore.client import Client, Unavailable
+from bwcore.client import Client, ClientError, Unavailable
 from tests.integration.support import TICK_MS, kill_all, wait_for
 
 pytestmark = pytest.mark.integration
@@ -103,6 +107,50 @@ def test_chaos_catches_stale_reads(tmp_path: Path) -> None:
     assert summary["linearizability"]["verdict"] == "illegal"
     window = Path(summary["files"]["bad_window"]).read_text()
     assert window.startswith("not linearizable: key") and "cannot be linearized" in window
+
+
+class AlwaysLow(random.Random):
+    """Randomness whose ``random()`` is always 0: every coin flip takes its first branch."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def test_a_helper_replaced_by_a_new_node_serves_linearizable_reads(tmp_path: Path) -> None:
+    """The helpers fault's "new node" branch: a fresh observer with a new id joins and serves."""
+    if helper_role_problem("observer"):
+        with pytest.raises(ChaosError, match="cannot run observers"):
+            chaos(tmp_path, ("helpers",), 6, observers=1)
+        return
+    cluster = start_cluster(tmp_path / "cluster", voters=3, observers=1, secretaries=0,
+                            datacenters=["dc1"], tick_ms=TICK_MS)
+    try:
+        with Client(cluster.endpoints, timeout=2, deadline=20) as client:
+            client.put("x", "before")
+        endpoints = Endpoints(cluster.endpoints[:3], [cluster.nodes["obs1"].api])
+        nemesis = Nemesis(cluster, endpoints, ("helpers",), AlwaysLow(1), time.monotonic,
+                          log=lambda _: None)
+        event = nemesis.inject("helpers", threading.Event())
+        assert event is not None and event.detail == "replaced by new node obs2"
+        assert local.running_pid(cluster, "obs1") is None
+        assert endpoints.observers() == [cluster.nodes["obs2"].api]
+        assert "[faults]" in cluster.nodes["obs2"].config.read_text()
+        assert local.load(cluster.dir).nodes["obs2"].role == "observer"
+        with Client(cluster.endpoints[:3], timeout=2, deadline=20) as client:
+            client.put("x", "after")
+        with Client([cluster.nodes["obs2"].api], timeout=2, deadline=30) as reader:
+            wait_for(lambda: _read_or_none(reader, "x") == "after", 30,
+                     "the new observer to serve the latest value")
+    finally:
+        kill_all(cluster)
+        local.down(cluster, grace=5.0)
+
+
+def _read_or_none(client: Client, key: str) -> str | None:
+    try:
+        return client.get(key).value
+    except ClientError:
+        return None
 
 
 def admin(node: local.NodeInfo, method: str, body: dict | None = None) -> Any:
