@@ -78,6 +78,9 @@ def run_wrk(urls: list[str], connections: int, seconds: float, args: argparse.Na
     per_url = max(1, connections // len(urls))
     env = dict(os.environ, VALUE_BYTES=str(args.value_bytes))
     cpu_before = {nid: process_cpu_seconds(pid) for nid, pid in node_pids.items()}
+    # Reaped children's CPU (node processes of earlier rounds too) accrues here: take the
+    # difference over this run only.
+    children_before = _children_cpu_seconds()
     started = time.perf_counter()
     processes = [
         subprocess.Popen(
@@ -91,9 +94,7 @@ def run_wrk(urls: list[str], connections: int, seconds: float, args: argparse.Na
         results.append(parse_wrk(output))
     elapsed = time.perf_counter() - started
     # wrk's CPU time (taskset execs it) is in RUSAGE_CHILDREN once communicate() reaped it.
-    children = _children_cpu_seconds()
-    wrk_cpu = children - args._children_cpu
-    args._children_cpu = children
+    wrk_cpu = _children_cpu_seconds() - children_before
     cpu = {nid: round((process_cpu_seconds(pid) - cpu_before[nid]) / elapsed, 2)
            for nid, pid in node_pids.items()}
     statuses: dict[str, int] = {}
@@ -183,7 +184,6 @@ def main() -> None:
     parser.add_argument("--wrk-cpu", type=int, default=1, help="CPU to pin wrk to")
     parser.add_argument("--dir", help="folder for the clusters (default: a temporary one)")
     args = parser.parse_args()
-    args._children_cpu = _children_cpu_seconds()
     base = Path(args.dir or tempfile.mkdtemp(prefix="bwraft-http-bench-"))
     rounds = []
     for n in range(args.rounds):
