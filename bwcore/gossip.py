@@ -169,7 +169,6 @@ class GossipStats:
 @dataclass
 class _Broadcast:
     data: bytes
-    order: int
     transmits: int = 0
     on_done: Callable[[], None] | None = None
 
@@ -177,43 +176,64 @@ class _Broadcast:
 class _BroadcastQueue:
     """Pending updates, one per member, each sent a bounded number of times.
 
-    A newer update about a member replaces the older one. Updates sent fewest times go
-    first, and among those the newest, as in memberlist's TransmitLimitedQueue.
+    A newer update about a member replaces the older one. Updates sent fewest times go first,
+    and among those the most recently queued or sent, as in memberlist's
+    TransmitLimitedQueue. Updates are kept in tiers by transmit count, so that taking a few
+    from a long queue does not sort it.
     """
+
+    # Updates that do not fit the space left are skipped; stop looking after this many.
+    _MAX_MISFITS = 32
 
     def __init__(self) -> None:
         self._items: dict[str, _Broadcast] = {}
-        self._order = 0
+        self._tiers: dict[int, dict[str, None]] = {}  # transmits -> keys, oldest first
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, key: str, data: bytes, on_done: Callable[[], None] | None = None) -> None:
-        old = self._items.pop(key, None)
-        self._order += 1
-        self._items[key] = _Broadcast(data, self._order, on_done=on_done)
+        old = self._remove(key)
+        self._items[key] = _Broadcast(data, on_done=on_done)
+        self._tiers.setdefault(0, {})[key] = None
         if old is not None and old.on_done is not None:
             old.on_done()
 
     def take(self, budget: int, limit: int, skip: str | None = None) -> list[bytes]:
         """Updates fitting in ``budget`` bytes; each counts as sent once more."""
-        chosen: list[bytes] = []
-        if budget < _SMALLEST_UPDATE or not self._items:
-            return chosen
-        ranked = sorted(self._items.items(), key=lambda kv: (kv[1].transmits, -kv[1].order))
-        for key, item in ranked:
-            if key == skip or len(item.data) > budget:
-                continue
-            chosen.append(item.data)
-            budget -= len(item.data)
+        chosen: list[str] = []
+        misfits = 0
+        for tier in sorted(self._tiers):
+            for key in reversed(self._tiers[tier]):
+                if budget < _SMALLEST_UPDATE or misfits >= self._MAX_MISFITS:
+                    break
+                size = len(self._items[key].data)
+                if key == skip or size > budget:
+                    misfits += key != skip
+                    continue
+                chosen.append(key)
+                budget -= size
+        datas = [self._items[key].data for key in chosen]
+        for key in reversed(chosen):
+            item = self._remove(key)
+            assert item is not None
             item.transmits += 1
             if item.transmits >= limit:
-                del self._items[key]
                 if item.on_done is not None:
                     item.on_done()
-            if budget < _SMALLEST_UPDATE:
-                break
-        return chosen
+            else:
+                self._items[key] = item
+                self._tiers.setdefault(item.transmits, {})[key] = None
+        return datas
+
+    def _remove(self, key: str) -> _Broadcast | None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            tier = self._tiers[item.transmits]
+            del tier[key]
+            if not tier:
+                del self._tiers[item.transmits]
+        return item
 
 
 class _Suspicion:

@@ -104,6 +104,20 @@ class Member:
 
     def validate(self) -> None:
         """Raise ValueError unless every field is within the wire limits."""
+        # The common case in one expression (every received alive record passes here); the
+        # field-by-field checks below run only to name what is wrong.
+        tags = self.tags
+        if (type(self.id) is str and 0 < len(self.id) <= MAX_ID_LEN
+                and type(self.role) is str and 0 < len(self.role) <= MAX_LABEL_LEN
+                and type(self.datacenter) is str and len(self.datacenter) <= MAX_LABEL_LEN
+                and type(self.incarnation) is int
+                and 0 <= self.incarnation <= _MAX_INCARNATION
+                and _addr_ok(self.raft_addr, True) and _addr_ok(self.api_addr, True)
+                and _addr_ok(self.gossip_addr, False)
+                and type(tags) is dict and len(tags) <= MAX_TAGS
+                and all(type(k) is str and 0 < len(k) <= MAX_LABEL_LEN and type(v) is str
+                        and len(v) <= MAX_TAG_VALUE_LEN for k, v in tags.items())):
+            return
         _check_str(self.id, "id", MAX_ID_LEN, allow_empty=False)
         _check_str(self.role, "role", MAX_LABEL_LEN, allow_empty=False)
         _check_str(self.datacenter, "datacenter", MAX_LABEL_LEN)
@@ -268,6 +282,18 @@ def parse_addr(text: str, allow_port_zero: bool = False) -> tuple[str, int]:
     if not host or port > 65535 or (port == 0 and not allow_port_zero):
         raise ValueError(f"{text!r} is not a usable address")
     return host, port
+
+
+def _addr_ok(value: Any, allow_empty: bool) -> bool:
+    if type(value) is not str or len(value) > MAX_ADDR_LEN:
+        return False
+    if not value:
+        return allow_empty
+    try:
+        parse_addr(value)
+    except ValueError:
+        return False
+    return True
 
 
 def format_addr(host: str, port: int) -> str:
