@@ -32,13 +32,14 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from twisted.application import service, strports
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from twisted.web.resource import IResource, Resource
+from twisted.web.http import HTTPChannel
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
@@ -59,6 +60,7 @@ MAX_KEY_BYTES = 1024
 MAX_REQUEST_ID_CHARS = 256
 CONSISTENCY_LEVELS = ("linearizable", "stale")
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_CONNECTIONS = 1024
 JSON_TYPE = b"application/json"
 # A client that sends a body over the limit gets 413 as soon as the headers are in; the rest of
 # its body is read and dropped (never buffered) for at most this long, or this many bytes, so
@@ -595,18 +597,51 @@ class _BodyLimitedRequest(Request):
         log.info("api_body_too_large", message=message)
 
 
+class _CountedChannel(HTTPChannel):
+    """An HTTP connection that tells its site when it closes (see ApiSite.max_connections)."""
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.connection_closed()
+        super().connectionLost(reason)
+
+
 class ApiSite(Site):
-    """The HTTP site of the API: bounded request bodies, no form parsing, quiet logging."""
+    """The HTTP site of the API: bounded request bodies and connections, quiet logging.
+
+    Args:
+        max_connections: Connections open at once; a further one is closed as soon as it is
+            accepted (and counted), so that many idle or trickling clients cannot exhaust the
+            node's memory and file descriptors.
+        on_refused: Called once per connection refused for being over ``max_connections``.
+    """
 
     noisy = False
+    protocol = _CountedChannel
 
     def __init__(self, resource: IResource, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 reactor: IReactorTime | None = None, linger_seconds: float = LINGER_SECONDS
-                 ) -> None:
+                 reactor: IReactorTime | None = None, linger_seconds: float = LINGER_SECONDS,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 on_refused: Callable[[], None] | None = None) -> None:
         super().__init__(resource, requestFactory=_BodyLimitedRequest, reactor=reactor,
                          parsePOSTFormSubmission=False)
         self.max_body_bytes = max_body_bytes
         self.linger_seconds = linger_seconds
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self._on_refused = on_refused
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted)
+        if self.open_connections >= self.max_connections:
+            log.warning("api_connection_refused", address=str(addr),
+                        open_connections=self.open_connections)
+            if self._on_refused is not None:
+                self._on_refused()
+            return None  # Twisted closes the accepted socket at once
+        self.open_connections += 1
+        return super().buildProtocol(addr)
+
+    def connection_closed(self) -> None:
+        self.open_connections = max(0, self.open_connections - 1)
 
     def log(self, request: Request) -> None:
         """Access lines are not logged: the structured events say what matters."""
@@ -639,7 +674,14 @@ def make_api_service(node: Any, *, reactor: IReactorTime | None = None) -> servi
     """Build the service that serves the node's API on ``node.config.addresses.api``."""
     reactor = reactor or getattr(node, "reactor", None)
     resource = ApiResource(node, reactor=reactor)
-    site = ApiSite(resource, max_body_bytes=resource.max_body_bytes, reactor=reactor)
+    limits = getattr(node.config, "limits", None)
+    refused = Counter("bwraft_api_refused_connections",
+                      "HTTP connections closed on arrival: limits.max_api_connections were open",
+                      registry=node.registry)
+    site = ApiSite(resource, max_body_bytes=resource.max_body_bytes, reactor=reactor,
+                   max_connections=int(getattr(limits, "max_api_connections",
+                                               DEFAULT_MAX_CONNECTIONS)),
+                   on_refused=refused.inc)
     host, port = _host_port(node.config.addresses.api)
     interface = host.replace(":", "\\:")
     api_service = ApiService(resource)

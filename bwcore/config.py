@@ -131,6 +131,7 @@ class LimitsConfig:
     max_frame_bytes: int = 16 * 1024 * 1024
     max_body_bytes: int = 1024 * 1024
     max_connections: int = 1024
+    max_api_connections: int = 1024
 
 
 @dataclass(frozen=True)
@@ -357,7 +358,9 @@ def _limits(table: _Table) -> LimitsConfig:
     limits = LimitsConfig(
         max_frame_bytes=table.positive_int("max_frame_bytes", defaults.max_frame_bytes),
         max_body_bytes=table.positive_int("max_body_bytes", defaults.max_body_bytes),
-        max_connections=table.positive_int("max_connections", defaults.max_connections))
+        max_connections=table.positive_int("max_connections", defaults.max_connections),
+        max_api_connections=table.positive_int("max_api_connections",
+                                               defaults.max_api_connections))
     table.finish()
     return limits
 

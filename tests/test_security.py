@@ -26,6 +26,7 @@ from bwcore.gossip_codec import Ping, WireCodec, encode_message
 SECRET = b"a-cluster-secret-for-the-security-tests"
 ADMIN_TOKEN = "admin-token-for-the-security-tests"
 MAX_CONNECTIONS = 8
+MAX_API_CONNECTIONS = 16
 MAX_BODY = 4096
 TICK_MS = 50
 
@@ -36,6 +37,7 @@ admin_token = "{ADMIN_TOKEN}"
 
 [limits]
 max_connections = {MAX_CONNECTIONS}
+max_api_connections = {MAX_API_CONNECTIONS}
 max_body_bytes = {MAX_BODY}
 
 [faults]
@@ -177,6 +179,44 @@ def test_connections_above_the_limit_are_closed_and_counted(cluster: local.Clust
             sock.close()
     with Client([node.api], timeout=2, deadline=20) as client:
         client.put("after-flood", "ok")  # the node still serves
+
+
+def test_api_connections_above_the_limit_are_closed_and_counted(cluster: local.Cluster) -> None:
+    """Idle HTTP connections cannot pile up: past the limit they are closed on arrival."""
+    node = cluster.nodes["n2"]
+    name = "bwraft_api_refused_connections_total"
+    before = metric(node, name)
+    sockets = [socket.create_connection(host_port(node.api), timeout=5)
+               for _ in range(MAX_API_CONNECTIONS + 4)]
+    try:
+        assert closed_by_peer(sockets[-1])
+        assert not closed_by_peer(sockets[0], timeout=0.5)  # those within the limit stay
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert wait_metric_above(node, before, name) >= before + 1
+    with Client([node.api], timeout=2, deadline=20) as client:
+        client.put("after-api-flood", "ok")  # closed connections make room again
+
+
+def test_the_api_site_counts_its_connections() -> None:
+    """The limit counts open connections: a closed one makes room for the next."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+    from twisted.web.resource import Resource
+
+    from bwcore.api import ApiSite
+
+    refused: list[int] = []
+    site = ApiSite(Resource(), max_connections=2, on_refused=lambda: refused.append(1))
+    address = IPv4Address("TCP", "127.0.0.1", 5000)
+    first, second = site.buildProtocol(address), site.buildProtocol(address)
+    for channel in (first, second):
+        channel.makeConnection(StringTransport())
+    assert site.buildProtocol(address) is None and refused == [1]
+    first.connectionLost(None)
+    third = site.buildProtocol(address)
+    assert third is not None and site.open_connections == 2
 
 
 def test_a_body_over_the_limit_is_refused_with_413(cluster: local.Cluster) -> None:
