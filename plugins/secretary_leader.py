@@ -279,6 +279,10 @@ class LeaderRelay:
         """Split one secretary's messages so that no frame exceeds the window or byte cap; a
         message too big on its own goes directly (``keep``)."""
         window, cap = self.settings.window, self.settings.max_frame_bytes
+        sizes = {e.index: len(e.data) + 16 for m in msgs for e in m.entries}
+        if len(sizes) <= window and sum(sizes.values()) <= cap:
+            yield msgs   # the usual case: every follower needs the same few new entries
+            return
         chunk: list[Message] = []
         seen: set[int] = set()
         size = 0
@@ -317,7 +321,7 @@ class LeaderRelay:
         st.frames += 1
         st.relayed_messages += len(msgs)
         st.relayed_entries += sum(len(m.entries) for m in msgs)
-        st.sent_entries += sum(len(run[1]) for run in payload[4])
+        st.sent_entries += len({e.index for m in msgs for e in m.entries})
         return payload
 
     def send_failed(self, secretary: str, now: float) -> list[TakeBack]:

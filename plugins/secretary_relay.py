@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bwcore.kernel import Message
+from bwcore.kernel import Message, MessageType as MT
 from bwraft_plugins import secretary_wire as wire
 
 __all__ = ["FollowerRelay", "FollowerStats", "SecretaryRelay", "SecretaryStats"]
@@ -31,6 +31,7 @@ class SecretaryStats:
     relayed_messages: int = 0       # messages delivered to followers
     relayed_entries: int = 0        # entries in them
     replies: int = 0                # replies forwarded to the leader
+    coalesced: int = 0              # replies left out: a later one of the same follower says more
     reports: int = 0                # REPORT frames sent
     dropped: dict[str, int] = field(default_factory=dict)   # frames dropped, by reason
 
@@ -144,9 +145,10 @@ class SecretaryRelay:
         if self.leader is None or (not self._replies and not self._unreachable
                                    and self._ack_seq == self._reported_seq):
             return None
-        payload = wire.encode_report(self.term, self._ack_seq, self._replies,
-                                     self._unreachable)
-        self.stats.replies += len(self._replies)
+        replies = coalesce(self._replies)
+        payload = wire.encode_report(self.term, self._ack_seq, replies, self._unreachable)
+        self.stats.replies += len(replies)
+        self.stats.coalesced += len(self._replies) - len(replies)
         self.stats.reports += 1
         self._replies = []
         self._unreachable = set()
@@ -158,6 +160,29 @@ class SecretaryRelay:
     def status(self) -> dict[str, Any]:
         return {"leader": self.leader, "term": self.term, "acknowledged_batch": self._ack_seq,
                 "replies_buffered": len(self._replies)}
+
+
+def coalesce(replies: Sequence[tuple[str, list[Any]]]) -> list[tuple[str, list[Any]]]:
+    """Each follower's replies as the leader needs them: its highest accepted APPEND_RESP
+    (the match index; Raft's leader keeps only the highest one it hears, §5.3), its last plain
+    HEARTBEAT_RESP, and every rejection and every ReadIndex acknowledgement as they came.
+
+    Leaving out a superseded reply is what losing it would do, which Raft tolerates; the
+    leader's view of each follower ends up the same as if it had stepped them all.
+    """
+    last: dict[tuple[str, Any], int] = {}
+    for k, (frm, item) in enumerate(replies):
+        mtype, index, _, reject, _, context = item
+        if mtype is MT.APPEND_RESP and not reject:
+            key = (frm, "match")
+            best = last.get(key)
+            if best is None or index >= replies[best][1][1]:
+                last[key] = k
+        elif mtype is MT.HEARTBEAT_RESP and not context:
+            last[(frm, "heartbeat")] = k
+        else:
+            last[(frm, k)] = k
+    return [replies[k] for k in sorted(last.values())]
 
 
 @dataclass

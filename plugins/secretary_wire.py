@@ -1,21 +1,23 @@
 """The secretary relay's frames: what travels between leader, secretary and followers.
 
 Every frame is a :class:`bwcore.codec.PluginFrame` for the plugin ``"secretary"`` whose payload
-is a msgpack array; its first item is the :class:`Kind`:
+is ``[kind, body]``: the :class:`Kind`, and the body packed with msgpack into one byte string
+(so that the peer codec's check of plugin payloads looks at one value, not at every entry of a
+batch). The bodies, shown with their kind in front:
 
-- ``BATCH`` leader -> secretary: ``[1, seq, term, leader, runs, targets, addresses]``. ``runs``
+- ``BATCH`` leader -> secretary: ``1: [seq, term, leader, runs, targets, addresses]``. ``runs``
   holds each distinct entry of the batch once, as ``[first_index, [[term, data, type], ...]]``
   runs of consecutive indexes; ``targets`` holds one ``[type, to, log_term, index, count,
   commit, context]`` per kernel message, whose entries are ``index + 1 .. index + count``;
   ``addresses`` maps a follower id to its raft ``host:port`` (sent once per assignment).
-- ``RELAY`` secretary -> follower: ``[2, term, leader, [[type, log_term, index, commit,
+- ``RELAY`` secretary -> follower: ``2: [term, leader, [[type, log_term, index, commit,
   context, [[term, data, type], ...]], ...]]``: the leader's messages to this follower.
-- ``REPLY`` follower -> secretary: ``[3, term, leader, [[type, index, log_term, reject,
+- ``REPLY`` follower -> secretary: ``3: [term, leader, [[type, index, log_term, reject,
   reject_hint, context], ...]]``: its replies to the leader of ``term``.
-- ``REPORT`` secretary -> leader: ``[4, term, ack_seq, [[from, type, index, log_term, reject,
+- ``REPORT`` secretary -> leader: ``4: [term, ack_seq, [[from, type, index, log_term, reject,
   reject_hint, context], ...], unreachable]``: the replies collected, and the highest batch
   ``seq`` the secretary has handled.
-- ``DIRECT`` leader -> follower: ``[5, term]``: "send your replies of ``term`` to me directly".
+- ``DIRECT`` leader -> follower: ``5: [term]``: "send your replies of ``term`` to me directly".
 
 Only APPEND and HEARTBEAT travel in BATCH and RELAY frames, only APPEND_RESP and HEARTBEAT_RESP
 in REPLY and REPORT frames; the leader's term and id are never rewritten on the way (BW-Raft:
@@ -29,6 +31,8 @@ import enum
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import msgpack
 
 from bwcore.kernel import Entry, EntryType, Message, MessageType as MT
 
@@ -134,14 +138,35 @@ def kind_of(payload: Any) -> Kind:
     """The kind of a secretary payload.
 
     Raises:
-        WireError: Not an array starting with a known kind.
+        WireError: Not ``[kind, body]`` with a known kind and a byte-string body.
     """
-    if type(payload) is not list or not payload or type(payload[0]) is not int:
-        raise WireError("a secretary payload is an array starting with its kind")
+    if type(payload) is not list or len(payload) != 2 or type(payload[0]) is not int \
+            or type(payload[1]) is not bytes:
+        raise WireError("a secretary payload is [kind, body bytes]")
     try:
         return Kind(payload[0])
     except ValueError:
         raise WireError(f"unknown secretary frame kind {payload[0]!r}") from None
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def _pack(kind: Kind, body: list[Any]) -> list[Any]:
+    return [int(kind), msgpack.packb(body, use_bin_type=True)]
+
+
+def _body(payload: Any, kind: Kind, name: str, length: int) -> list[Any]:
+    """Check the kind and unpack the body of ``payload`` (an array of ``length``)."""
+    if kind_of(payload) is not kind:
+        raise WireError(f"not {name}")
+    try:
+        body = msgpack.unpackb(payload[1], raw=False, use_list=True, strict_map_key=True,
+                               ext_hook=_no_ext)
+    except Exception as exc:  # msgpack raises many types for bad input; all mean one thing
+        raise WireError(f"{name} body is not msgpack ({type(exc).__name__})") from None
+    return _list(body, name, length)
 
 
 # -- BATCH: leader -> secretary ---------------------------------------------------------------
@@ -206,7 +231,7 @@ def encode_batch(seq: int, term: int, leader: str, messages: Sequence[Message],
             runs.append([index, run])
         e = distinct[index]
         run.append([e.term, e.data, int(e.type)])
-    return [int(Kind.BATCH), seq, term, leader, runs, targets, dict(addresses)]
+    return _pack(Kind.BATCH, [seq, term, leader, runs, targets, dict(addresses)])
 
 
 def decode_batch(payload: Any) -> Batch:
@@ -215,7 +240,7 @@ def decode_batch(payload: Any) -> Batch:
     Raises:
         WireError: Malformed, or a target needs an entry the batch does not carry.
     """
-    _, seq, term, leader, runs, targets, addresses = _list(payload, "a batch", 7)
+    seq, term, leader, runs, targets, addresses = _body(payload, Kind.BATCH, "a batch", 6)
     seq, term, leader = _int(seq, "seq"), _int(term, "term"), _id(leader, "leader")
     entries: dict[int, list[Any]] = {}
     for run in _list(runs, "runs"):
@@ -264,7 +289,7 @@ def relay_item(target: Target, wire_entries: list[list[Any]]) -> list[Any]:
 
 
 def encode_relay(term: int, leader: str, items: Sequence[list[Any]]) -> list[Any]:
-    return [int(Kind.RELAY), term, leader, list(items)]
+    return _pack(Kind.RELAY, [term, leader, list(items)])
 
 
 def decode_relay(payload: Any, me: str) -> Relay:
@@ -273,7 +298,7 @@ def decode_relay(payload: Any, me: str) -> Relay:
     Raises:
         WireError: Malformed.
     """
-    _, term, leader, items = _list(payload, "a relay", 4)
+    term, leader, items = _body(payload, Kind.RELAY, "a relay", 3)
     term, leader = _int(term, "term"), _id(leader, "leader")
     if term == 0:
         raise WireError("a relayed message carries the leader's term")
@@ -314,11 +339,11 @@ def _check_reply(item: Any) -> list[Any]:
 
 
 def encode_replies(term: int, leader: str, messages: Sequence[Message]) -> list[Any]:
-    return [int(Kind.REPLY), term, leader, [_reply_fields(m) for m in messages]]
+    return _pack(Kind.REPLY, [term, leader, [_reply_fields(m) for m in messages]])
 
 
 def decode_replies(payload: Any) -> Replies:
-    _, term, leader, items = _list(payload, "a reply frame", 4)
+    term, leader, items = _body(payload, Kind.REPLY, "a reply frame", 3)
     return Replies(_int(term, "term"), _id(leader, "leader"),
                    tuple(_check_reply(i) for i in _list(items, "replies")))
 
@@ -337,11 +362,11 @@ def encode_report(term: int, ack_seq: int, replies: Sequence[tuple[str, list[Any
                   unreachable: Iterable[str]) -> list[Any]:
     """``replies``: (follower id, checked reply fields) pairs, in arrival order."""
     items = [[frm, int(f[0]), f[1], f[2], f[3], f[4], f[5]] for frm, f in replies]
-    return [int(Kind.REPORT), term, ack_seq, items, sorted(unreachable)]
+    return _pack(Kind.REPORT, [term, ack_seq, items, sorted(unreachable)])
 
 
 def decode_report(payload: Any, me: str) -> Report:
-    _, term, ack_seq, items, unreachable = _list(payload, "a report", 5)
+    term, ack_seq, items, unreachable = _body(payload, Kind.REPORT, "a report", 4)
     term = _int(term, "term")
     replies = []
     for item in _list(items, "replies"):
@@ -359,9 +384,9 @@ def decode_report(payload: Any, me: str) -> Report:
 
 
 def encode_direct(term: int) -> list[Any]:
-    return [int(Kind.DIRECT), term]
+    return _pack(Kind.DIRECT, [term])
 
 
 def decode_direct(payload: Any) -> int:
-    _, term = _list(payload, "a direct notice", 2)
+    [term] = _body(payload, Kind.DIRECT, "a direct notice", 1)
     return _int(term, "term")

@@ -55,7 +55,8 @@ def through_wire(payload):
 def test_batch_carries_shared_entries_once_and_rebuilds_each_message():
     msgs = [append("f1", 10, 3), append("f2", 10, 3), append("f3", 11, 2), heartbeat("o1", 9)]
     payload = wire.encode_batch(7, TERM, "L", msgs, {"f1": "10.0.0.1:1"})
-    assert sum(len(run[1]) for run in payload[4]) == 3   # entries 11, 12, 13 once
+    body = msgpack.unpackb(payload[1])
+    assert sum(len(run[1]) for run in body[3]) == 3   # entries 11, 12, 13 travel once
     batch = wire.decode_batch(through_wire(payload))
     assert (batch.seq, batch.term, batch.leader) == (7, TERM, "L")
     assert batch.addresses == {"f1": "10.0.0.1:1"}
@@ -78,31 +79,44 @@ def test_replies_and_reports_round_trip():
     assert wire.decode_direct(through_wire(wire.encode_direct(TERM))) == TERM
 
 
+def raw(kind: int, body) -> list:
+    return [kind, msgpack.packb(body, use_bin_type=True)]
+
+
 @pytest.mark.parametrize("payload", [
-    None, [], [0], [99], ["x"], [1], [True, 1],
-    [1, 1, 1, "L", [], [[5, "f1", 0, 0, 1, 0, b""]], {}],            # entry 1 missing
-    [1, 1, 1, "L", [], [[6, "f1", 0, 0, 0, 0, b""]], {}],            # a reply in a batch
-    [1, 1, 1, "L", [[1, [[1, b"x", 0]]], [1, [[1, b"y", 0]]]], [], {}],   # entry twice
-    [1, 1, 1, "L", [[1, [[1, "text", 0]]]], [], {}],                 # data not bytes
-    [1, 1, 1, "L", [[1, [[1, b"x", 7]]]], [], {}],                   # entry type
-    [1, 1, 1, "L", [], [[7, "f1", 0, 0, 1, 0, b""]], {}],            # heartbeat with entries
-    [1, -1, 1, "L", [], [], {}], [1, 1, 1, "", [], [], {}], [1, 1, 1, "L", [], [], []],
-    [2, 0, "L", []], [2, 1, "L", [[5, 0, 0, 0, b"", "x"]]], [2, 1, "L", [[7, 0, 0, 0, b"",
-                                                                        [[1, b"x", 0]]]]],
-    [3, 1, "L", [[5, 1, 1, False, 0, b""]]], [3, 1, "L", [[6, 1, 1, 0, 0, b""]]],
-    [4, 1, 1, [["f", 6, 1, 1, False, 0]], []], [4, 1, 1, [], [7]], [5], [5, "x"],
+    None, [], [0], [99, b""], ["x", b""], [1], [True, b""], [1, []], [1, b"\xc1"],
+    [1, msgpack.packb([1, 2, 3])],                                  # too short
+    [1, msgpack.ExtType(1, b"x")],
+    raw(1, [1, 1, "L", [], [[5, "f1", 0, 0, 1, 0, b""]], {}]),      # entry 1 missing
+    raw(1, [1, 1, "L", [], [[6, "f1", 0, 0, 0, 0, b""]], {}]),      # a reply in a batch
+    raw(1, [1, 1, "L", [[1, [[1, b"x", 0]]], [1, [[1, b"y", 0]]]], [], {}]),   # entry twice
+    raw(1, [1, 1, "L", [[1, [[1, "text", 0]]]], [], {}]),           # data not bytes
+    raw(1, [1, 1, "L", [[1, [[1, b"x", 7]]]], [], {}]),             # entry type
+    raw(1, [1, 1, "L", [], [[7, "f1", 0, 0, 1, 0, b""]], {}]),      # heartbeat with entries
+    raw(1, [-1, 1, "L", [], [], {}]), raw(1, [1, 1, "", [], [], {}]),
+    raw(1, [1, 1, "L", [], [], []]), raw(1, [1, 1, "L", [], [], {"f1": 5}]),
+    raw(2, [0, "L", []]), raw(2, [1, "L", [[5, 0, 0, 0, b"", "x"]]]),
+    raw(2, [1, "L", [[7, 0, 0, 0, b"", [[1, b"x", 0]]]]]), raw(2, [1, "L", [[5, 0, 0, 0, "s",
+                                                                            []]]]),
+    raw(3, [1, "L", [[5, 1, 1, False, 0, b""]]]), raw(3, [1, "L", [[6, 1, 1, 0, 0, b""]]]),
+    raw(4, [1, 1, [["f", 6, 1, 1, False, 0]], []]), raw(4, [1, 1, [], [7]]), raw(5, []),
+    raw(5, ["x"]), raw(5, {"a": 1}),
 ])
 def test_malformed_payloads_are_wire_errors(payload):
     with pytest.raises(wire.WireError):
         kind = wire.kind_of(payload)
-        decoder = {wire.Kind.BATCH: wire.decode_batch, wire.Kind.REPLY: wire.decode_replies,
-                   wire.Kind.DIRECT: wire.decode_direct}.get(kind)
         if kind is wire.Kind.RELAY:
             wire.decode_relay(payload, "f1")
         elif kind is wire.Kind.REPORT:
             wire.decode_report(payload, "L")
         else:
-            decoder(payload)
+            {wire.Kind.BATCH: wire.decode_batch, wire.Kind.REPLY: wire.decode_replies,
+             wire.Kind.DIRECT: wire.decode_direct}[kind](payload)
+
+
+def test_a_payload_of_another_kind_is_refused():
+    with pytest.raises(wire.WireError, match="not a batch"):
+        wire.decode_batch(wire.encode_direct(3))
 
 
 def test_mutated_frames_never_raise_anything_but_wire_errors():
@@ -113,7 +127,7 @@ def test_mutated_frames_never_raise_anything_but_wire_errors():
              wire.encode_replies(TERM, "L", [Message(MT.APPEND_RESP, "L", "f1", TERM)]),
              wire.encode_report(TERM, 1, [("f1", [MT.APPEND_RESP, 1, 1, False, 0, b""])], ()),
              wire.encode_direct(TERM)]
-    junk = [None, True, -1, 2**70, "s", b"b", [], {}, [[]], 1.5]
+    junk = [None, True, -1, 2**64 - 1, -2**63, "s", b"b", [], {}, [[]], 1.5]
 
     def mutate(value):
         if isinstance(value, list) and value and rng.random() < 0.7:
@@ -127,8 +141,16 @@ def test_mutated_frames_never_raise_anything_but_wire_errors():
                 lambda p: wire.decode_report(p, "L"), wire.decode_direct]
     for _ in range(3000):
         k = rng.randrange(len(valid))
+        kind, body = valid[k]
+        if rng.random() < 0.8:
+            payload = raw(kind, mutate(msgpack.unpackb(body)))
+        elif rng.random() < 0.5:
+            cut = rng.randrange(len(body))
+            payload = [kind, body[:cut] + bytes([rng.randrange(256)]) + body[cut + 1:]]
+        else:
+            payload = mutate(valid[k])
         try:
-            decoders[k](mutate(valid[k]))
+            decoders[k](payload)
         except wire.WireError:
             pass
 
@@ -224,7 +246,7 @@ def test_missed_deadline_takes_followers_back_and_benches_with_backoff():
 def test_report_fencing_and_acknowledgement():
     core = leader_core()
     [(_, payload)] = core.route([append("f1", 10, 1)], 1.0)
-    seq = payload[1]
+    seq = wire.decode_batch(payload).seq
     reply = [("f1", [MT.APPEND_RESP, 11, 0, False, 0, b""])]
     old = wire.decode_report(wire.encode_report(TERM - 1, seq, reply, ()), "L")
     assert core.on_report("s1", old, 1.1) == []          # another term: ignored
@@ -386,3 +408,24 @@ def test_entries_keep_their_type_through_the_relay():
     got = wire.decode_relay(through_wire(wire.encode_relay(
         TERM, "L", [wire.relay_item(t, b.wire_entries(t))])), "f1")
     assert got.messages == (m,)
+
+
+def test_reports_carry_each_followers_latest_word():
+    """A follower's older accepted APPEND_RESPs and plain HEARTBEAT_RESPs are left out of a
+    report; rejections and ReadIndex acknowledgements all go through."""
+    sec = SecretaryRelay("s1")
+    sec.on_batch("L", batch(1), 1.0)
+    replies = [Message(MT.APPEND_RESP, "L", "f1", TERM, index=11),
+               Message(MT.HEARTBEAT_RESP, "L", "f1", TERM),
+               Message(MT.APPEND_RESP, "L", "f1", TERM, index=13),
+               Message(MT.APPEND_RESP, "L", "f1", TERM, index=12),
+               Message(MT.APPEND_RESP, "L", "f1", TERM, index=9, reject=True, reject_hint=8),
+               Message(MT.HEARTBEAT_RESP, "L", "f1", TERM, context=b"r1"),
+               Message(MT.HEARTBEAT_RESP, "L", "f1", TERM),
+               Message(MT.APPEND_RESP, "L", "f2", TERM, index=10)]
+    for m in replies:
+        sec.on_replies(m.frm, wire.decode_replies(wire.encode_replies(TERM, "L", [m])), 1.0)
+    _, payload = sec.flush()
+    got = wire.decode_report(payload, "L").replies
+    assert got == (replies[2], replies[4], replies[5], replies[6], replies[7])
+    assert sec.stats.coalesced == 3

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.internet import task
@@ -265,8 +266,11 @@ def test_gossip_marks_the_secretary_dead():
 def test_garbage_frames_are_counted_never_raised():
     net, leader, follower, secretary = cluster()
     rng = random.Random(3)
-    junk = [None, 1, "x", b"y", [], [1], [2, 1], [3], [4, 1], [5], [9, 9], {"a": 1},
-            [1, 1, 1, "L", [[1, [[1, b"x", 0]]]], [[5, "F1", 1, 0, 2, 0, b""]], {}]]
+    junk = [None, 1, "x", b"y", [], [1], [2, 1], [3, b""], [4, b"\x91"], [5, b"x"], [9, b""],
+            {"a": 1}, [1, msgpack.packb([1, 1, "L", [[1, [[1, b"x", 0]]]],
+                                         [[5, "F1", 1, 0, 2, 0, b""]], {}])],
+            [2, msgpack.packb([TERM, "L", [[5, 0, 0, 0, b"", [[1, "not bytes", 0]]]]])],
+            [4, msgpack.packb([TERM, 1, [["F1", 6, 1, 1, "no", 0, b""]], []])]]
     for node in (leader, follower, secretary):
         for _ in range(50):
             node.host.hook.bwraft_plugin_frame(
