@@ -165,13 +165,12 @@ class Nemesis:
             side = set(shuffled[:cut])
             shape = "random split"
         other = set(nodes) - side
-        event = self._begin("partition", sorted(side), leader,
-                            detail=f"{shape}: {sorted(side)} | {sorted(other)}")
         # The leader is hit when its side holds no majority of the voters: it must step down.
-        voters = [n for n in nodes if self.cluster.nodes[n].role == "voter"]
+        voters = {n for n in nodes if self.cluster.nodes[n].role == "voter"}
         leader_side = side if leader in side else other
-        event.hit_leader = leader is not None and 2 * len(leader_side & set(voters)) <= len(
-            self.cluster.voters)
+        hit = leader is not None and 2 * len(leader_side & voters) <= len(self.cluster.voters)
+        event = self._begin("partition", sorted(side), leader, hit_leader=hit,
+                            detail=f"{shape}: {sorted(side)} | {sorted(other)}")
         failed = [node_id for node_id in nodes
                   if not self._set_partition(node_id, other if node_id in side else side)]
         if failed:
@@ -284,13 +283,15 @@ class Nemesis:
             return
         event.recovered_after = round(self.clock() - (event.end or self.clock()), 3)
 
-    def _begin(self, kind: str, targets: list[str], leader: str | None,
-               detail: str = "") -> FaultEvent:
+    def _begin(self, kind: str, targets: list[str], leader: str | None, detail: str = "",
+               hit_leader: bool | None = None) -> FaultEvent:
+        if hit_leader is None:
+            hit_leader = leader in targets
         event = FaultEvent(kind, targets, round(self.clock(), 3), leader=leader,
-                           hit_leader=leader in targets, detail=detail)
+                           hit_leader=hit_leader, detail=detail)
         self.events.append(event)
         self.log(f"[{event.start:8.2f}s] {kind} {' '.join(targets)}"
-                 f"{' (leader)' if event.hit_leader else ''} {detail}".rstrip())
+                 f"{' (takes the leader out)' if event.hit_leader else ''} {detail}".rstrip())
         return event
 
     def _end(self, event: FaultEvent) -> None:
