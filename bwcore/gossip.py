@@ -417,7 +417,10 @@ class SwimMember:
             self._join_attempt()
 
     def stop(self) -> None:
-        """Stop at once, without telling anyone (others will detect it as failed)."""
+        """Stop at once, without telling anyone (others will detect it as failed).
+
+        A pending :meth:`leave` Deferred fires.
+        """
         self._running = False
         self._stopped = True
         for call in list(self._timers):
@@ -426,6 +429,9 @@ class SwimMember:
         self._timers.clear()
         self._acks.clear()
         self._probe = None
+        waiter, self._leave_waiter = self._leave_waiter, None
+        if waiter is not None:
+            waiter.callback(None)
 
     def leave(self) -> defer.Deferred[None]:
         """Leave gracefully: spread a ``left`` update, then stop.
@@ -872,11 +878,7 @@ class SwimMember:
             self._log.info("gossip_reaped", peer=member_id, state=str(gone.state))
 
     def _finish_leave(self) -> None:
-        waiter, self._leave_waiter = self._leave_waiter, None
-        if waiter is None:
-            return
         self.stop()
-        waiter.callback(None)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -916,6 +918,8 @@ class SwimMember:
         self._transmit(addr, self._codec.seal(b"".join(parts)))
 
     def _transmit(self, addr: Address, data: bytes) -> None:
+        if not self._running:
+            return  # e.g. a listener stopped this member while a datagram was handled
         self.stats.sent_datagrams += 1
         self.stats.sent_bytes += len(data)
         if self._metrics:

@@ -301,6 +301,19 @@ def test_graceful_leave_is_seen_as_left_not_dead() -> None:
     assert cluster.all_see("m7", LEFT)
 
 
+def test_stop_during_leave_fires_the_leave_deferred_and_silences_the_member() -> None:
+    """stop() while leaving ends the leave at once; a stopped member sends nothing."""
+    cluster = converged_cluster(4, seed=20)
+    member = cluster.members["m1"]
+    done = member.leave()
+    member.stop()
+    assert done.called
+    sent = cluster.net.sent_by[addr_of(1)]
+    member.datagram_received(cluster.net.log[-1][3], addr_of(2))
+    cluster.run(5)
+    assert cluster.net.sent_by[addr_of(1)] == sent
+
+
 def test_partition_heals_and_views_converge() -> None:
     """Split in two halves, each side declares the other dead; after the network heals, the
     reconnect exchanges bring every member back alive in every view."""
