@@ -674,13 +674,22 @@ class RaftNode(MultiService):
     def _schedule_ready(self) -> None:
         # callLater(0): everything else this reactor turn does (more proposals, more
         # messages) lands in the same Ready.
-        if self._ready_call is None and not self._saving and self._driving:
+        if self._ready_call is None and self._driving:
             self._ready_call = self.reactor.callLater(0, self._process_ready)
 
     def _process_ready(self) -> None:
         self._ready_call = None
         kernel = self.kernel
-        if self._saving or not self._driving or kernel is None:
+        if not self._driving or kernel is None:
+            return
+        if self._saving:
+            # A Ready is being saved. Proposals of this turn still join the log now, and the
+            # messages that depend on nothing unsaved leave at once — a leader's appends, so
+            # that followers fsync while we do (dissertation §10.2.1); responses wait for the
+            # next Ready. Our own copy is counted toward commit only once saved.
+            if self._pending:
+                self._propose_pending(kernel)
+            self._send(kernel.take_messages())
             return
         started = self._timer()
         self._apply_compaction()

@@ -184,6 +184,20 @@ class RawNode:
         self._outstanding = rd
         return rd
 
+    def take_messages(self) -> list[Message]:
+        """Messages that may leave now, taken out of the next Ready.
+
+        A driver calls this while a Ready is being persisted, so that a leader's appends for
+        proposals made meanwhile go out at once instead of waiting for that fsync: they depend
+        on no unsaved state (dissertation §10.2.1). Responses that do (``persisted_messages``)
+        stay in the kernel for the next Ready.
+        """
+        r = self._raft
+        now = [m for m in r.msgs if m.type not in RESPONSES_AFTER_PERSIST]
+        if now:
+            r.msgs = [m for m in r.msgs if m.type in RESPONSES_AFTER_PERSIST]
+        return now
+
     def advance(self, rd: Ready) -> None:
         if rd is not self._outstanding:
             raise RuntimeError("advance() takes the Ready returned by the last ready()")

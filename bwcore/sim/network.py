@@ -259,6 +259,15 @@ class SimNetwork:
         self.deliver(self.inflight.pop())
         return True
 
+    def send_eager_random(self) -> bool:
+        """A node whose Ready is being persisted sends the messages that may leave already."""
+        waiting = [n for n in self.nodes.values() if n.in_flight is not None and n.raw]
+        if not waiting:
+            return False
+        for m in self.rng.choice(waiting).raw.take_messages():
+            self.send(m)
+        return True
+
     def persist_random(self) -> bool:
         """Finish one node's in-flight Ready (its fsync completes)."""
         waiting = [n for n in self.nodes.values() if n.in_flight is not None]

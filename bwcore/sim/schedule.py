@@ -58,8 +58,10 @@ def run_schedule(seed: int, steps: int = 400, *, voters: int = 3, spares: int = 
         if r < 0.35:
             if not net.deliver_random():
                 net.tick(rng.choice(live()) if live() else None)
-        elif r < 0.45:
+        elif r < 0.42:
             net.persist_random()
+        elif r < 0.45:
+            net.send_eager_random()
         elif r < 0.60:
             net.tick(rng.choice(list(net.nodes)))
         elif r < 0.72:
