@@ -77,6 +77,11 @@ class Progress:
             return True
         if self.next - 1 != rejected:
             return False  # not the probe we are waiting on
+        if match_hint < self.match:
+            # The follower no longer holds what it acknowledged (its storage was lost or
+            # wiped): forget the match, or the probe would repeat at the same index forever
+            # and never reach the snapshot it needs. A lower match only delays commits.
+            self.match = match_hint
         self.next = max(min(rejected, match_hint + 1), self.match + 1)
         self.probe_sent = False
         return True
