@@ -27,6 +27,7 @@ __all__ = ["main", "build_parser"]
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
 ENDPOINTS_ENV = "BWRAFT_ENDPOINTS"
+ADMIN_TOKEN_ENV = "BWRAFT_ADMIN_TOKEN"
 
 
 def _print(obj: Any, stream: TextIO | None = None) -> None:
@@ -39,8 +40,9 @@ def _client(args: argparse.Namespace) -> Client:
     if not endpoints:
         raise _UsageError(f"no endpoints: pass --endpoints URL[,URL...] or set {ENDPOINTS_ENV}")
     try:
+        token = getattr(args, "admin_token", None) or os.environ.get(ADMIN_TOKEN_ENV, "")
         return Client(endpoints, timeout=args.timeout, deadline=args.deadline,
-                      read_from=getattr(args, "read_from", "any"))
+                      read_from=getattr(args, "read_from", "any"), admin_token=token)
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
 
@@ -104,6 +106,30 @@ def _status(args: argparse.Namespace) -> int:
 def _members(args: argparse.Namespace) -> int:
     with _client(args) as client:
         _print(client.members())
+    return EXIT_OK
+
+
+# -- cluster administration ----------------------------------------------------------------
+
+
+def _transfer_leader(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _print(client.transfer_leader(args.to))
+    return EXIT_OK
+
+
+def _member(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        if args.action == "add":
+            result = client.member_add(args.id, args.raft_addr, args.api_addr or "",
+                                       as_learner=args.as_role == "learner")
+        elif args.action == "promote":
+            result = client.member_promote(args.id)
+        elif args.action == "remove":
+            result = client.member_remove(args.id)
+        else:
+            result = client.member_list()
+    _print(result)
     return EXIT_OK
 
 
@@ -297,6 +323,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.set_defaults(handler=_status)
     sub = commands.add_parser("members", parents=[net], help="gossip membership view")
     sub.set_defaults(handler=_members)
+
+    admin = argparse.ArgumentParser(add_help=False)
+    admin.add_argument("--admin-token", help=f"the cluster's admin token (default:"
+                                             f" ${ADMIN_TOKEN_ENV})")
+    sub = commands.add_parser("transfer-leader", parents=[net, admin],
+                              help="hand leadership to another voter")
+    sub.add_argument("--to", help="the voter to lead (default: the most up-to-date one)")
+    sub.set_defaults(handler=_transfer_leader)
+    member = commands.add_parser("member", help="change the voting membership")
+    member_actions = member.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = member_actions.add_parser("add", parents=[net, admin],
+                                    help="add a node (a learner, promoted once caught up)")
+    sub.add_argument("id")
+    sub.add_argument("--raft-addr", required=True, help="the new node's raft host:port")
+    sub.add_argument("--api-addr", help="the new node's API host:port")
+    sub.add_argument("--as", dest="as_role", choices=("voter", "learner"), default="voter",
+                     help="stay a learner instead of being promoted")
+    # The leader answers once the new voter is promoted, which may take a snapshot's time.
+    sub.set_defaults(handler=_member, timeout=40.0, deadline=60.0)
+    sub = member_actions.add_parser("promote", parents=[net, admin],
+                                    help="promote a learner once caught up")
+    sub.add_argument("id")
+    sub.set_defaults(handler=_member, timeout=40.0, deadline=60.0)
+    sub = member_actions.add_parser("remove", parents=[net, admin],
+                                    help="remove a voter or learner (the leader too)")
+    sub.add_argument("id")
+    sub.set_defaults(handler=_member)
+    sub = member_actions.add_parser("list", parents=[net, admin],
+                                    help="voters, learners and their progress")
+    sub.set_defaults(handler=_member)
 
     folder = argparse.ArgumentParser(add_help=False)
     folder.add_argument("--dir", required=True, help="the cluster's folder")

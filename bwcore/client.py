@@ -119,13 +119,15 @@ class Client:
         clock: Monotonic time source in seconds.
         sleep: How to pause.
         rng: Randomness for backoff jitter.
+        admin_token: Sent as ``Authorization: Bearer`` with admin requests (``/v1/admin/``)
+            only, for nodes that set ``security.admin_token``.
     """
 
     def __init__(self, endpoints: Iterable[str], *, timeout: float = 5.0, retries: int = 20,
                  deadline: float = 20.0, read_from: str = "any", backoff: float = 0.05,
                  max_backoff: float = 1.0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, admin_token: str = "") -> None:
         self.endpoints = [normalize_endpoint(e) for e in endpoints]
         if not self.endpoints:
             raise ValueError("at least one endpoint is needed")
@@ -136,6 +138,7 @@ class Client:
         self.backoff, self.max_backoff = backoff, max_backoff
         self._clock, self._sleep = clock, sleep
         self._rng = rng or random.Random()
+        self.admin_token = admin_token
         self.leader: str | None = None
         self._cursor = 0
         self._observers: list[str] | None = None
@@ -183,6 +186,37 @@ class Client:
     def members(self) -> list:
         """The gossip membership view of the first endpoint that answers."""
         return self._request("GET", "/v1/members", None, self._any_endpoint)
+
+    # -- cluster administration (through the leader; see docs/api.md) -----------------------
+
+    def admin(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One admin request (``/v1/admin/...``), sent to the leader (307s are followed).
+
+        Answers 200 and 202 are returned; 503 is retried like a write; anything else raises.
+        """
+        if not path.startswith("/v1/admin/"):
+            raise ValueError("admin paths start with /v1/admin/")
+        return self._request(method, path, body, self._write_endpoint)
+
+    def transfer_leader(self, to: str | None = None) -> dict:
+        """Hand leadership to ``to`` (None: the most up-to-date voter); the outcome."""
+        return self.admin("POST", "/v1/admin/transfer-leader", {"to": to})
+
+    def member_add(self, node_id: str, raft_addr: str, api_addr: str = "", *,
+                   as_learner: bool = False) -> dict:
+        """Add a learner and, unless ``as_learner``, promote it once it has caught up."""
+        return self.admin("POST", "/v1/admin/members", {
+            "id": node_id, "raft_addr": raft_addr, "api_addr": api_addr,
+            "as_learner": as_learner})
+
+    def member_promote(self, node_id: str) -> dict:
+        return self.admin("POST", f"/v1/admin/members/{quote(node_id, safe='')}/promote")
+
+    def member_remove(self, node_id: str) -> dict:
+        return self.admin("DELETE", f"/v1/admin/members/{quote(node_id, safe='')}")
+
+    def member_list(self) -> dict:
+        return self.admin("GET", "/v1/admin/members")
 
     def close(self) -> None:
         """Close every kept-alive connection."""
@@ -298,6 +332,8 @@ class Client:
         """One HTTP exchange over the endpoint's kept-alive connection."""
         timeout = min(self.timeout, budget) if budget is not None else self.timeout
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.admin_token and path.startswith("/v1/admin/"):
+            headers["Authorization"] = f"Bearer {self.admin_token}"
         for fresh_retry in (False, True):
             connection = self._connections.get(endpoint)
             reused = connection is not None
@@ -361,7 +397,7 @@ def _error_text(answer: Any) -> str:
 
 def _result(status: int, answer: Any, endpoint: str) -> Any:
     """Return a 200 answer or raise the ClientError that says why it is not one."""
-    if status == 200:
+    if status in (200, 202):
         return answer
     message = f"{endpoint}: {_error_text(answer)}"
     if status == 404 and isinstance(answer, dict) and "index" in answer:

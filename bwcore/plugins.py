@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "PluginHost", "validate_setti
 
 ENTRY_POINT_GROUP = "bwraft"
 #: Loaded on every node, before the plugins its config names.
-DEFAULT_PLUGINS = ("sql-storage", "kv")
+DEFAULT_PLUGINS = ("sql-storage", "kv", "compaction", "leadership-transfer", "membership")
 TRACE_ENV = "BWRAFT_PLUGINS_TRACE"
 
 

@@ -119,7 +119,16 @@ def ep(name: str, attr: str) -> EntryPoint:
     return EntryPoint(name=name, value=f"{__name__}:{attr}", group="bwraft")
 
 
-DEFAULTS = [ep("sql-storage", "FakeStorage"), ep("kv", "FakeKV")]
+class NoHooks:
+    """Stands for a default plugin whose hooks these tests do not need."""
+
+    def __init__(self, settings: dict) -> None:
+        self.settings = settings
+
+
+OPS_DEFAULTS = ("compaction", "leadership-transfer", "membership")
+DEFAULTS = [ep("sql-storage", "FakeStorage"), ep("kv", "FakeKV"),
+            *(ep(name, "NoHooks") for name in OPS_DEFAULTS)]
 
 
 def make_config(**extra: Any) -> NodeConfig:
@@ -133,7 +142,7 @@ def make_config(**extra: Any) -> NodeConfig:
 def test_defaults_are_loaded_through_entry_points() -> None:
     """A plain voter gets the default storage and state machine plugins, with defaults."""
     host = PluginHost.from_config(make_config(), entry_points=DEFAULTS)
-    assert list(host.plugins) == ["sql-storage", "kv"]
+    assert list(host.plugins) == ["sql-storage", "kv", *OPS_DEFAULTS]
     assert host.plugins["kv"].settings == {"dedup_window": 100, "ratio": 0.5, "tag": None,
                                            "strict": False}
     assert host.hook.bwraft_open_storage(config=None) == "default-storage:"
@@ -166,7 +175,7 @@ def test_third_party_plugin_from_an_installed_distribution(
 
     host = PluginHost.from_config(make_config(plugins={"fancy": {"every": 5}}))
 
-    assert list(host.plugins) == ["sql-storage", "kv", "fancy"]
+    assert list(host.plugins) == ["sql-storage", "kv", *OPS_DEFAULTS, "fancy"]
     assert type(host.plugins["fancy"]).__name__ == "FancyPlugin"
     assert host.plugins["fancy"].settings == {"every": 5}
     assert host.hook.bwraft_should_snapshot(node=None, applied_index=9, log_entries=5,
@@ -180,7 +189,8 @@ def test_missing_plugin_names_file_and_installed_ones() -> None:
     with pytest.raises(ConfigError) as info:
         PluginHost.from_config(config, entry_points=DEFAULTS)
     assert str(info.value) == ("plugin 'secretary' named in node.toml is not installed"
-                               " (installed: kv, sql-storage)")
+                               " (installed: compaction, kv, leadership-transfer, membership,"
+                               " sql-storage)")
 
 
 def test_missing_default_plugin_is_explained() -> None:
@@ -192,7 +202,7 @@ def test_missing_default_plugin_is_explained() -> None:
 def test_role_plugin_is_loaded_for_a_non_voter() -> None:
     """role = "observer" loads the plugin named observer without a [plugins] table."""
     config = make_config(role="observer")
-    assert plugin_names(config) == ["sql-storage", "kv", "observer"]
+    assert plugin_names(config) == ["sql-storage", "kv", *OPS_DEFAULTS, "observer"]
     host = PluginHost.from_config(config, entry_points=DEFAULTS + [ep("observer",
                                                                       "ObserverRole")])
     assert host.hook.bwraft_role_service(node=None) == "observer-service"

@@ -327,3 +327,38 @@ class Net:
     def stop_all(self) -> None:
         for node_id in list(self.nodes):
             self.crash(node_id)
+
+
+class HttpAnswer:
+    """What a resource answered: status, headers, decoded JSON body."""
+
+    def __init__(self, request: Any) -> None:
+        import json
+
+        self.status = request.responseCode or 200
+        self.headers = {k.lower(): v[0] for k, v in request.responseHeaders.getAllRawHeaders()}
+        self.body = json.loads(b"".join(request.written)) if request.written else None
+
+    def __repr__(self) -> str:
+        return f"<HttpAnswer {self.status} {self.body}>"
+
+
+def http(net: Net, resource: Any, method: str, path: str, body: Any = None,
+         token: str | None = None, timeout: float = 30.0) -> HttpAnswer:
+    """Render ``resource`` for one request (``path`` below its mount point), running the
+    cluster's clock until it answers."""
+    import io
+    import json
+
+    from twisted.web.test.requesthelper import DummyRequest
+
+    postpath = [p.encode() for p in path.strip("/").split("/")] if path.strip("/") else []
+    request = DummyRequest(postpath)
+    request.method = method.encode()
+    request.uri = request.path = b"/v1/admin/x/" + path.strip("/").encode()
+    request.content = io.BytesIO(json.dumps(body).encode() if body is not None else b"")
+    if token is not None:
+        request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {token}".encode()])
+    resource.render(request)
+    net.run_until(lambda: request.finished, timeout, f"an answer to {method} {path}")
+    return HttpAnswer(request)
