@@ -1,0 +1,107 @@
+"""Observers on real processes: 3 voters + 2 observers started like `bwraft cluster up`.
+
+The observers know only the gossip seeds (no voter list); the voters learn of them by gossip
+and feed them the log. Reads through them must be linearizable, losing one must not disturb
+writes, and a restarted one must catch up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from bwcore import cluster as local
+from bwcore.client import Client
+from bwcore.config import load_config
+from tests.integration.support import wait_for
+
+ROUNDS = 1000
+
+
+def _status(cluster: local.Cluster, node_id: str) -> dict:
+    return local.fetch_status(cluster.nodes[node_id].api, timeout=2.0) or {}
+
+
+def _caught_up(cluster: local.Cluster, leader: str, observers: list[str]) -> bool:
+    commit = _status(cluster, leader).get("commit_index", 0)
+    return commit > 0 and all(
+        _status(cluster, o).get("applied_index", -1) >= commit for o in observers)
+
+
+def test_observers_serve_linearizable_reads_survive_kill_and_catch_up(start_cluster) -> None:
+    """1,000 rounds of "write through the leader, then a linearizable read through a random
+    observer" all see the write; SIGKILL of an observer disturbs no write; restarted, it
+    catches up and serves the latest value."""
+    cluster = start_cluster(voters=3, observers=2)
+    observers = [n.id for n in cluster.nodes.values() if n.role == "observer"]
+    voter_urls = [cluster.nodes[v].api for v in cluster.voters]
+    for observer in observers:
+        assert load_config(cluster.nodes[observer].config).cluster.voters == {}
+    leader = local.wait_for_leader(cluster, 30.0, among=cluster.voters)
+    wait_for(lambda: set(_status(cluster, leader).get("helpers", ())) == set(observers), 30.0,
+             "the leader to feed both observers (learned by gossip)")
+    wait_for(lambda: _caught_up(cluster, leader, observers), 30.0, "observers to catch up")
+
+    rng = random.Random(2024)
+    writer = Client(voter_urls, timeout=5.0, deadline=30.0)
+    readers = {o: Client([cluster.nodes[o].api], timeout=5.0, deadline=30.0)
+               for o in observers}
+    served_by = dict.fromkeys(observers, 0)
+    try:
+        for i in range(ROUNDS):
+            key, value = f"k{i % 50}", f"v{i}"
+            index = writer.put(key, value)
+            observer = rng.choice(observers)
+            result = readers[observer].get(key)
+            assert result.value == value, (i, observer, result)
+            assert result.index >= index
+            served_by[observer] += 1
+        assert all(count > ROUNDS // 4 for count in served_by.values()), served_by
+
+        # Killing an observer does not disturb writes: none fails, the leader stays.
+        victim, survivor = observers
+        term = _status(cluster, leader)["term"]
+        local.stop_node(cluster, victim, "KILL", wait=10.0)
+        started = time.monotonic()
+        for i in range(200):
+            writer.put(f"after-kill-{i}", str(i))
+        write_seconds = time.monotonic() - started
+        status = _status(cluster, leader)
+        assert (status["role"], status["term"]) == ("leader", term)
+        assert readers[survivor].get("after-kill-199").value == "199"
+        print(f"200 writes with an observer killed: {write_seconds:.2f}s")
+
+        # The leader stops feeding it once gossip declares it dead.
+        wait_for(lambda: victim not in _status(cluster, leader).get("helpers", ()), 30.0,
+                 "the leader to drop the dead observer")
+        writer.put("while-down", "x")
+
+        # Restarted from its data, it is fed again and catches up.
+        local.start_node(cluster, victim)
+        wait_for(lambda: _caught_up(cluster, leader, [victim]), 60.0,
+                 "the restarted observer to catch up")
+        readers[victim].close()
+        readers[victim] = Client([cluster.nodes[victim].api], timeout=5.0, deadline=30.0)
+        assert readers[victim].get("while-down").value == "x"
+        last = writer.put("final", "y")
+        result = readers[victim].get("final")
+        assert (result.value, result.index >= last) == ("y", True)
+    finally:
+        writer.close()
+        for reader in readers.values():
+            reader.close()
+
+
+def test_a_write_sent_to_an_observer_reaches_the_leader(start_cluster) -> None:
+    """Writes arriving at an observer are forwarded to the leader it learned by gossip."""
+    cluster = start_cluster(voters=3, observers=1)
+    [observer] = [n.id for n in cluster.nodes.values() if n.role == "observer"]
+    leader = local.wait_for_leader(cluster, 30.0, among=cluster.voters)
+    wait_for(lambda: _status(cluster, observer).get("leader") == leader, 30.0,
+             "the observer to learn the leader")
+    with Client([cluster.nodes[observer].api], timeout=5.0, deadline=30.0) as client:
+        index = client.put("via-observer", "1")
+        assert client.get("via-observer").value == "1"
+        assert client.get("via-observer", consistency="stale").index >= index
+    with Client([cluster.nodes[leader].api]) as client:
+        assert client.get("via-observer").value == "1"
