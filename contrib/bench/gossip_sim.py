@@ -2,7 +2,7 @@
 """SWIM gossip at scale, simulated: failure-detection time and per-member load.
 
     python contrib/bench/gossip_sim.py [--sizes 10 100 1000] [--crashes 5] [--seed 1]
-                                       [--loss 0.0] [--window 20]
+                                       [--loss 0.0] [--window 20] [--soak SECONDS]
 
 Runs ``n`` real :class:`bwcore.gossip.SwimMember` objects with default settings on a simulated
 clock and an in-memory datagram network (0.5-5 ms latency, optional loss; no sockets). Each
@@ -16,6 +16,9 @@ datagrams before the measurement starts). After 5 simulated seconds:
   piggybacked updates) and anti-entropy (push-pull);
 * detection: ``--crashes`` times, one random member stops; the time until every other member
   declares it dead (median and maximum), and until the first one suspects it.
+
+With ``--soak`` it instead runs each size for that many simulated seconds with no crash and
+counts suspicions and false deaths (a live member declared dead in some view).
 
 Prints a line per size and a Markdown table. The clock is a heap of timers, since Twisted's
 ``task.Clock`` re-sorts its list on every ``callLater``, which is too slow for 1,000 members.
@@ -207,6 +210,19 @@ def run(n: int, crashes: int, seed: int, loss: float, window: float) -> dict[str
     }
 
 
+def soak(n: int, seconds: float, seed: int, loss: float) -> dict[str, float]:
+    """Run a healthy cluster for ``seconds``: count suspicions and false deaths."""
+    started = time.perf_counter()
+    clock, net, members = build(n, seed, loss)
+    events: Counter[str] = Counter()
+    for member in members.values():
+        member.add_listener(lambda event, m: events.update([event]))
+    clock.run_until(seconds)
+    return {"n": n, "seconds": seconds, "suspect_events": events["suspect"],
+            "suspicions": events["suspect"] / (n - 1), "false_dead_events": events["dead"],
+            "wall_s": time.perf_counter() - started}
+
+
 def machine() -> str:
     model = "unknown CPU"
     try:
@@ -227,10 +243,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--loss", type=float, default=0.0)
     parser.add_argument("--window", type=float, default=20.0)
+    parser.add_argument("--soak", type=float, default=0.0)
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     print(f"machine: {machine()}; date: {time.strftime('%Y-%m-%d')}; loss: {args.loss:.0%}; "
           f"crashes per size: {args.crashes}; seed: {args.seed}")
+    if args.soak:
+        for n in args.sizes:
+            row = soak(n, args.soak, args.seed, args.loss)
+            print({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()},
+                  flush=True)
+        return
     rows = []
     for n in args.sizes:
         row = run(n, args.crashes, args.seed, args.loss, args.window)
