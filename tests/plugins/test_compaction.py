@@ -309,3 +309,22 @@ def test_frame_limit_in_the_harness_is_what_makes_chunking_necessary() -> None:
     net.write_many(600, value_bytes=600)
     assert len(net.nodes[leader].state_machine.snapshot()) > FRAME_LIMIT
     assert net.nodes[leader].kernel.role is StateRole.LEADER
+
+
+def test_a_new_helper_is_bootstrapped_from_the_snapshot() -> None:
+    """A non-member the leader feeds (an observer learned by gossip) starts empty and gets the
+    compacted state by InstallSnapshot, then the log after it."""
+    net, plugins = make_net()
+    net.write_many(500, value_bytes=100)
+    leader = net.wait_leader()
+    net.start("o1", net.config("o1", voters=[]))
+    for node_id, node in net.nodes.items():  # what gossip would tell them
+        for other in net.nodes:
+            if other != node_id:
+                node.set_peer_address(other, "127.0.0.1", net.port_of(other))
+    net.nodes[leader].add_helper("o1")
+    net.run_until(lambda: len(net.kv("o1")) == 500, 20.0, "the helper to be bootstrapped")
+    assert plugins["o1"].counters.received == 1
+    assert net.nodes["o1"].kernel.conf.voters == set(VOTERS)
+    net.write_many(10, prefix="after")
+    net.run_until(lambda: len(net.kv("o1")) == 510, 10.0, "the helper to follow the log")
