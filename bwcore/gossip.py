@@ -17,7 +17,7 @@ socket. The design follows SWIM (Das, Gupta, Motivala, DSN 2002), Lifeguard (Dad
 * Local health (Lifeguard §IV-A): failed probes without nacks raise an awareness score that
   stretches the probe interval and timeouts, so a slow member accuses others less.
 * Dissemination (SWIM §4.1): updates ride on pings and acks, each sent about
-  ``retransmit_mult * log10(n + 1)`` times, least-sent and newest first, within
+  ``retransmit_mult * log10(n + 1)`` times, least-sent first, within
   ``max_datagram``. A periodic push-pull exchange of state with a random member (and with a
   random dead one, to heal partitions) repairs whatever gossip missed.
 """

@@ -423,7 +423,7 @@ def test_a_repeated_suspicion_from_the_same_source_does_not_confirm() -> None:
 
 
 def test_updates_piggyback_within_the_datagram_limit_and_retransmit_limit() -> None:
-    """Updates about 60 new members leave on the member's pings, newest and least-sent first,
+    """Updates about 60 new members leave on the member's pings, least-sent first,
     each exactly retransmit_mult * ceil(log10(n + 1)) times, never above max_datagram."""
     peers = ScriptedPeers(3)
     advance(peers.clock, 30)  # let the first three introductions finish spreading
