@@ -1,0 +1,289 @@
+"""What a secretary saves the leader: the same write load with and without one.
+
+For each N in ``--followers`` (default 2 4 8) this starts two local clusters of ``twistd -n
+bwraft`` processes on 127.0.0.1, one after the other: datacenter ``west`` holds the leader
+``n1`` and one follower, datacenter ``east`` holds N followers — and, in the second cluster, one
+secretary. Every node uses the default storage (SQLite, ``synchronous=FULL``). Clients
+(``--clients`` threads, one keep-alive HTTP connection each) send ``--writes`` KV writes of
+``--value-bytes`` bytes to the leader's API. Measured at the leader, over the timed writes only:
+
+- bytes and messages the leader's peer transport sent per committed entry
+  (``bwraft_transport_sent_bytes_total`` / ``_messages_total`` on its /metrics, all peers,
+  divided by the growth of its commit index: heartbeats included);
+- the leader process's CPU seconds per 10,000 writes (utime + stime from /proc/<pid>/stat);
+- write throughput (acknowledged writes per second of wall time).
+
+The leader is placed in ``west`` the way a leadership transfer ends (Raft dissertation §3.10):
+a TIMEOUT_NOW in the current term sent to ``n1`` over the peer protocol.
+
+Usage::
+
+    python contrib/bench/secretary_bench.py [--followers 0 2 4 8] [--writes 3000]
+        [--clients 16] [--value-bytes 1024] [--tick-ms 100] [--repeat 3] [--json FILE]
+
+``--followers 0`` adds the floor: the leader alone, same writes, no replication at all.
+``--repeat R`` runs each configuration R times, alternating with and without a secretary, and
+reports the median of each figure (CPU figures on a shared machine move by 10-20% from run to
+run). It prints a Markdown table (the one in docs/benchmarks.md, "Secretaries") and, with
+``--json``, every run's figures. Benchmarks print figures; they assert nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from bwcore import cluster as local
+from bwcore.codec import Hello, encode_frame
+from bwcore.kernel import Message, MessageType
+
+LEADER = "n1"
+WAIT_S = 90.0
+
+
+@dataclass
+class Result:
+    followers: int
+    secretary: bool
+    writes: int
+    seconds: float
+    committed: int
+    bytes_per_entry: float
+    messages_per_entry: float
+    cpu_per_10k_writes: float
+    writes_per_second: float
+    relayed_entries: float
+
+
+def status(cluster: local.Cluster, node_id: str) -> dict:
+    return local.fetch_status(cluster.nodes[node_id].api, timeout=5.0) or {}
+
+
+def scrape(cluster: local.Cluster, node_id: str) -> dict[str, float]:
+    """The node's /metrics, summed over labels: name -> value."""
+    url = urllib.parse.urlsplit(cluster.nodes[node_id].api)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            base = name.split("{", 1)[0]
+            out[base] = out.get(base, 0.0) + float(value)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait(condition, timeout: float, what: str):
+    give_up = time.monotonic() + timeout
+    while time.monotonic() < give_up:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def make_leader(cluster: local.Cluster, target: str, voters: list[str]) -> None:
+    for _ in range(10):
+        leader = local.wait_for_leader(cluster, WAIT_S, among=voters)
+        if leader == target:
+            return
+        term = status(cluster, leader)["term"]
+        host, _, port = cluster.nodes[target].raft.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(encode_frame(Hello("bench-transfer", "bwraft-local"))
+                         + encode_frame(Message(MessageType.TIMEOUT_NOW, target, leader, term)))
+        wait(lambda term=term: status(cluster, target).get("term", 0) > term, 30,
+             "the campaign")
+    raise SystemExit(f"{target} never became leader")
+
+
+def load(api: str, writes: int, clients: int, value: str, prefix: str) -> None:
+    """``writes`` PUTs over ``clients`` keep-alive connections; every one must succeed."""
+    url = urllib.parse.urlsplit(api)
+    body = json.dumps({"value": value}).encode()
+    counter = iter(range(writes))
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def worker() -> None:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                break
+            for _ in range(5):
+                try:
+                    conn.request("PUT", f"/v1/kv/{prefix}{i % 10_000}", body,
+                                 {"Content-Type": "application/json"})
+                    response = conn.getresponse()
+                    response.read()
+                    if response.status == 200:
+                        break
+                    time.sleep(0.05)
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+            else:
+                errors.append(f"write {i} failed")
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"{len(errors)} writes failed, e.g. {errors[0]}")
+
+
+def run(base: Path, followers: int, with_secretary: bool, args: argparse.Namespace) -> Result:
+    """One cluster: n1 and n2 in west, ``followers`` voters in east (0: n1 alone, the floor:
+    what a write costs the leader without any replication)."""
+    alone = followers == 0
+    cluster = local.plan(base / f"n{followers}-{'sec' if with_secretary else 'direct'}",
+                         voters=1 if alone else 2 + followers,
+                         secretaries=1 if with_secretary else 0,
+                         tick_ms=args.tick_ms, datacenters=("west", "east"))
+    west = {"n1", "n2"}
+    for node_id, node in list(cluster.nodes.items()):
+        cluster.nodes[node_id] = replace(node, datacenter="west" if node_id in west else "east")
+    voters = [n for n, node in cluster.nodes.items() if node.role == "voter"]
+    east = sorted(set(voters) - west)
+    cluster.dir.mkdir(parents=True)
+    local.write_files(cluster)
+    try:
+        for node_id in cluster.nodes:
+            local.start_node(cluster, node_id)
+        local.wait_for_leader(cluster, WAIT_S, among=list(cluster.nodes))
+        if not alone:
+            make_leader(cluster, LEADER, voters)
+        if with_secretary:
+            wait(lambda: (status(cluster, LEADER).get("secretaries") or {}).get("assignment")
+                 == {"sec1": east}, WAIT_S, "the secretary to be hired")
+        value = "v" * args.value_bytes
+        api = cluster.nodes[LEADER].api
+        load(api, min(500, args.writes), args.clients, value, "warm")
+        pid = cluster.processes[LEADER].pid
+        before, commit0, cpu0 = scrape(cluster, LEADER), status(cluster, LEADER)[
+            "commit_index"], cpu_seconds(pid)
+        started = time.monotonic()
+        load(api, args.writes, args.clients, value, "k")
+        seconds = time.monotonic() - started
+        after, commit1, cpu1 = scrape(cluster, LEADER), status(cluster, LEADER)[
+            "commit_index"], cpu_seconds(pid)
+        if status(cluster, LEADER).get("role") != "leader":
+            raise SystemExit("the leader changed during the run")
+        committed = commit1 - commit0
+
+        def delta(name: str) -> float:
+            return after.get(name, 0.0) - before.get(name, 0.0)
+
+        return Result(
+            followers=followers, secretary=with_secretary, writes=args.writes,
+            seconds=round(seconds, 2), committed=committed,
+            bytes_per_entry=round(delta("bwraft_transport_sent_bytes_total") / committed, 1),
+            messages_per_entry=round(delta("bwraft_transport_sent_messages_total")
+                                     / committed, 3),
+            cpu_per_10k_writes=round((cpu1 - cpu0) / args.writes * 10_000, 2),
+            writes_per_second=round(args.writes / seconds, 1),
+            relayed_entries=delta("bwraft_secretary_leader_relayed_entries_total"))
+    finally:
+        local.down(cluster, grace=10.0)
+
+
+def table(results: list[Result], value_bytes: int) -> str:
+    rows = ["| N east | secretary | bytes/entry | msgs/entry | leader CPU s/10k writes "
+            "| writes/s | relayed entries |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        name = "leader alone" if r.followers == 0 else str(r.followers)
+        rows.append(f"| {name} | {'yes' if r.secretary else 'no'} | "
+                    f"{r.bytes_per_entry:,.0f} | {r.messages_per_entry:.2f} | "
+                    f"{r.cpu_per_10k_writes:.1f} | {r.writes_per_second:.0f} | "
+                    f"{r.relayed_entries:,.0f} |")
+    by = {(r.followers, r.secretary): r for r in results}
+    floor = by.get((0, False))
+    notes = []
+    for n in sorted({r.followers for r in results} - {0}):
+        direct, relayed = by.get((n, False)), by.get((n, True))
+        if direct and relayed:
+            one_copy = direct.bytes_per_entry / (n + 1)   # n east followers + 1 west follower
+            bound = 1.2 * 2 * one_copy                    # one secretary + one direct follower
+            saved = 1 - relayed.cpu_per_10k_writes / direct.cpu_per_10k_writes
+            notes.append(
+                f"N={n}: with a secretary {relayed.bytes_per_entry:,.0f} bytes/entry vs "
+                f"{2 * one_copy:,.0f} for two copies (limit 1.2x: {bound:,.0f}); leader CPU "
+                f"per write {100 * saved:.0f}% lower")
+            if floor is not None:
+                above = [r.cpu_per_10k_writes - floor.cpu_per_10k_writes for r in (direct, relayed)]
+                notes.append(f"N={n}: leader CPU above the leader-alone floor: {above[0]:.1f} s "
+                             f"direct, {above[1]:.1f} s with a secretary per 10k writes")
+    return "\n".join(rows) + "\n\n" + "\n".join(f"- {n}" for n in notes) + \
+        f"\n\n({value_bytes}-byte values.)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--followers", type=int, nargs="+", default=[2, 4, 8],
+                    help="east followers per run; 0 measures the leader alone (the floor)")
+    ap.add_argument("--writes", type=int, default=3000)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--value-bytes", type=int, default=1024)
+    ap.add_argument("--tick-ms", type=int, default=100)
+    ap.add_argument("--dir", type=Path, default=None, help="keep the clusters here")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    runs: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bwraft-secretary-bench-") as tmp:
+        base = args.dir or Path(tmp)
+        for n in args.followers:
+            for k in range(args.repeat):
+                for with_secretary in (False, True) if n else (False,):
+                    r = run(base / f"run{k}", n, with_secretary, args)
+                    print(json.dumps(asdict(r)), file=sys.stderr, flush=True)
+                    runs.append(r)
+    print(table(medians(runs), args.value_bytes))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in runs], indent=2))
+    return 0
+
+
+def medians(runs: list[Result]) -> list[Result]:
+    """One result per configuration: the median of each figure over its runs."""
+    groups: dict[tuple[int, bool], list[Result]] = {}
+    for r in runs:
+        groups.setdefault((r.followers, r.secretary), []).append(r)
+    out = []
+    for rs in groups.values():
+        fields = {f: statistics.median(getattr(r, f) for r in rs)
+                  for f in ("seconds", "bytes_per_entry", "messages_per_entry",
+                            "cpu_per_10k_writes", "writes_per_second", "relayed_entries")}
+        out.append(replace(rs[0], **fields))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
