@@ -11,8 +11,9 @@ Part 1, for each key count (default 100,000 and 1,000,000 keys of ~30-byte value
 Part 2, the write-throughput dip: one single-voter node on the real reactor with SQLite
 storage and the KV state machine preloaded with ``--dip-keys`` keys, kept busy by
 ``--inflight`` concurrent proposals for ``--seconds``; the compaction plugin snapshots every
-``--every`` entries (50,000). Throughput is counted per 100 ms window; the report compares windows that
-overlap a snapshot with those that do not, and gives the longest reactor stall.
+``--every`` entries (50,000). Throughput is counted per 100 ms window; the report compares
+windows that overlap a snapshot (from serialization to the end of its storage) with those that
+do not, and gives the longest reactor stall.
 
     python contrib/bench/snapshot_bench.py                 # both parts, the figures above
     python contrib/bench/snapshot_bench.py --keys 100000 --dip-keys 100000 --seconds 10

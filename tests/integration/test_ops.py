@@ -7,6 +7,7 @@ Each test runs a 3-voter cluster on 127.0.0.1 (free ports) with 50 ms ticks (ele
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bwcore import cli
 from bwcore import cluster as local
 from bwcore.client import Client, ClientError, NotFound
 from bwraft_plugins.sqlstorage import SqlStorage
@@ -128,15 +130,18 @@ def _stored_log(cluster: local.Cluster, node_id: str) -> tuple[int, int]:
 
 
 def test_transfer_to_a_named_node_completes_within_two_election_timeouts(
-        ops_cluster: Callable[..., local.Cluster]) -> None:
+        ops_cluster: Callable[..., local.Cluster], capsys: pytest.CaptureFixture[str]) -> None:
     cluster = ops_cluster()
     leader = _leader(cluster)
     target = sorted(n for n in cluster.nodes if n != leader)[0]
     with _client(cluster) as client:
         client.put("before", "1")
         began = time.monotonic()
-        result = client.transfer_leader(target)
+        # Through the command line, sent to a follower: it answers 307 to the leader.
+        endpoints = ",".join(cluster.nodes[n].api for n in cluster.nodes if n != leader)
+        assert cli.main(["transfer-leader", "--endpoints", endpoints, "--to", target]) == 0
         wall = time.monotonic() - began
+        result = json.loads(capsys.readouterr().out)
         assert result["outcome"] == "transferred" and result["leader"] == target
         # The leader measures from TIMEOUT_NOW's trigger to seeing the new leader.
         assert result["elapsed_ms"] < 2 * ELECTION_SECONDS * 1000, result
@@ -144,6 +149,8 @@ def test_transfer_to_a_named_node_completes_within_two_election_timeouts(
         assert _status(cluster, target)["role"] == "leader"
         client.put("after", "2")
         assert client.get("before").value == "1"
+        back = client.transfer_leader(None)  # the most up-to-date voter
+        assert back["outcome"] == "transferred" and back["leader"] != target
 
 
 def test_grow_to_five_and_shrink_to_three_while_a_client_writes(
