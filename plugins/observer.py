@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 
 from bwcore.errors import Unavailable
 from bwcore.hookspecs import hookimpl
+from bwcore.kernel import MessageType
 
 __all__ = ["ObserverMetrics", "ObserverPlugin", "ObserverService", "ReadBatcher", "ROLE"]
 
@@ -349,6 +350,15 @@ class ObserverPlugin:
         for known in member.members():
             if str(getattr(known, "state", "")) in ("alive", "suspect"):
                 self.bwraft_member_event(node, "joined", known)
+
+    @hookimpl
+    def bwraft_route_messages(self, node: Any, messages: list[Any]) -> None:
+        # A ReadIndex round's heartbeats (those with a context) confirm leadership only
+        # through the acknowledgements of voters (dissertation §6.4); an observer's would not
+        # count, so it is not asked. Its regular heartbeats (empty context) still go.
+        if self.fed:
+            messages[:] = [m for m in messages if not (
+                m.type is MessageType.HEARTBEAT and m.context and m.to in self.fed)]
 
     @hookimpl
     def bwraft_member_event(self, node: Any, event: str, member: Any) -> None:

@@ -18,7 +18,9 @@ from bwcore.kernel import Entry
 from bwcore.kernel import MessageType as MT
 from bwcore.plugins import PluginHost
 from bwraft_plugins.observer import ObserverPlugin, ReadBatcher
-from tests.test_node import Harness, elect_n1_of_three, make_config, make_harness, resolved
+from tests.test_node import (
+    Harness, ack_appends, elect_n1_of_three, make_config, make_harness, resolved,
+)
 
 VOTERS = ("n2", "n3", "n4")
 SETTINGS = {"max_wait_ms": 1000, "max_lag_entries": 5, "feed_observers": True}
@@ -271,6 +273,26 @@ def test_a_restarted_observer_is_probed_afresh() -> None:
     h.settle()
     assert h.node.kernel.status()["progress"]["obs1"]["match"] == 0
     assert {m.to for m in h.transport.take(MT.APPEND)} == {"obs1"}
+
+
+def test_read_rounds_ask_only_voters_but_observers_keep_their_heartbeats() -> None:
+    """The leader's ReadIndex heartbeats go to the voters only (an observer's ack would not
+    count); regular heartbeats still reach the observer; reads are still confirmed."""
+    plugin = ObserverPlugin(dict(SETTINGS), rng=random.Random(1))
+    h = make_harness(("n1", "n2", "n3"), plugins=(("observer", plugin),))
+    elect_n1_of_three(h)
+    ack_appends(h)  # the leader's no-op commits: it may serve reads
+    h.node.member_event("joined", Member("obs1"))
+    h.settle()
+    h.transport.take(MT.HEARTBEAT)
+    d = h.read()
+    h.settle()
+    round_beats = h.transport.take(MT.HEARTBEAT)
+    assert sorted(m.to for m in round_beats) == ["n2", "n3"] and round_beats[0].context
+    h.deliver(MT.HEARTBEAT_RESP, "n2", h.node.kernel.term, context=round_beats[0].context)
+    assert resolved(d) == h.node.kernel.commit_index
+    h.ticks(1)
+    assert "obs1" in {m.to for m in h.transport.take(MT.HEARTBEAT) if not m.context}
 
 
 def test_voters_secretaries_and_garbage_are_never_fed() -> None:
