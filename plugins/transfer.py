@@ -50,6 +50,9 @@ def pick_target(node: Any, *, datacenter: str | None = None, max_lag: int | None
                 ) -> str | None:
     """The best voter to lead instead of this leader: active, most caught up, then by id.
 
+    A voter the leader has not heard from lately comes last (a transfer to it is abandoned
+    after an election timeout if it is really gone).
+
     Args:
         node: The leader.
         datacenter: Only voters known to be in this datacenter.
@@ -63,14 +66,18 @@ def pick_target(node: Any, *, datacenter: str | None = None, max_lag: int | None
     candidates = []
     for voter in sorted(kernel.conf.voters - {node.node_id}):
         pr = progress.get(voter)
-        if pr is None or not pr.get("active"):
+        if pr is None:
             continue
         if datacenter and places.get(voter) != datacenter:
             continue
         if max_lag is not None and kernel.last_index - pr["match"] > max_lag:
             continue
-        candidates.append((-pr["match"], voter))
-    return min(candidates)[1] if candidates else None
+        # "active" is cleared at every check-quorum round and set again by the next answer:
+        # an inactive voter is a last resort, not excluded, unless a policy asks for health.
+        if not pr.get("active") and (datacenter or max_lag is not None):
+            continue
+        candidates.append((not pr.get("active"), -pr["match"], voter))
+    return min(candidates)[2] if candidates else None
 
 
 async def transfer_and_wait(node: Any, target: str, timeout: float) -> dict[str, Any]:
