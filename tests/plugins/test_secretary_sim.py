@@ -133,6 +133,35 @@ def test_secretary_cut_off_from_its_followers_is_bypassed():
     assert reasons == {"follower_silent"}
 
 
+def test_lagging_secretary_is_bypassed_and_its_late_relays_are_harmless():
+    """A secretary stalls (its frames sit in the network) past the reply deadline: the leader
+    replicates directly; when the stale frames finally arrive, the followers step the leader's
+    old messages of the same term again (Raft tolerates duplicates) and nothing changes."""
+    sim = west_led({"s1": "east"})
+    term = sim.net.nodes["w1"].raw.term
+    commands = write(sim, 0, 5)
+    sim.stabilize()
+    commands += write(sim, 5, 5)
+    held = [f for f in sim.frames if f.dst == "s1"]
+    sim.frames = [f for f in sim.frames if f.dst != "s1"]
+    for _ in range(10):
+        sim.tick_all()
+        held += [f for f in sim.frames if f.dst == "s1"]
+        sim.frames = [f for f in sim.frames if f.dst != "s1"]
+        sim.stabilize()
+    assert [tb.reason for tb in sim.takebacks][:1] == ["deadline"]
+    assert converged(sim, commands)
+    checks = sim.net.checker.checks
+    for frame in held:             # the stall ends
+        sim.deliver_frame(frame)
+    sim.stabilize()
+    sim.tick_all(3)
+    sim.stabilize()
+    assert sim.net.checker.checks > checks   # the late relays were checked (invariant 6)
+    assert sim.leader() == "w1" and sim.net.nodes["w1"].raw.term == term
+    assert converged(sim, commands)
+
+
 def test_gossip_suspicion_takes_followers_back_at_once():
     sim = west_led({"s1": "east"})
     sim.gossip("s1", "suspect")
