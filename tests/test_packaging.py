@@ -20,6 +20,9 @@ def test_twistd_lists_bwraft_after_a_regular_install(tmp_path):
     assert (target / "twisted" / "plugins" / "bwraft_dropin.py").is_file()
     assert (target / "bwraft_plugins" / "kv.py").is_file()
     assert not (target / "plugins").exists()  # no generic top-level name taken
+    # Every package of the checkout is installed (a package missing from setup.cfg is not).
+    for init in sorted(REPO.joinpath("bwcore").rglob("__init__.py")):
+        assert (target / init.relative_to(REPO)).is_file(), init
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run([sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                           "--help"], capture_output=True, text=True, cwd=tmp_path, env=env,
