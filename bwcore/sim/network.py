@@ -96,7 +96,9 @@ class SimNode:
         self.applied = snap.meta.index if snap else 0
         self.pending.clear()
         self.reads.clear()
-        self.commit_seen = 0
+        # A commit index restored from storage was decided before the crash (and checked
+        # then); only commits this run decides are checked against its quorum.
+        self.commit_seen = self.raw.commit_index
         self.in_flight = None
         self.voters_before = self.raw.conf.voters
         for h in self.net.helpers:
