@@ -8,12 +8,14 @@ calling :meth:`RaftLog.compact`. Entries past ``stable`` are in memory only and 
 
 from __future__ import annotations
 
-from bwcore.kernel.types import Entry, Snapshot
+from bisect import bisect_left, bisect_right
+
+from bwcore.kernel.types import Entry, EntryType, Snapshot
 
 
 class RaftLog:
     __slots__ = ("snapshot", "offset", "entries", "committed", "applied", "stable",
-                 "pending_snapshot")
+                 "pending_snapshot", "conf_indexes")
 
     def __init__(self, snapshot: Snapshot, entries: list[Entry], commit: int) -> None:
         self.snapshot = snapshot
@@ -25,6 +27,10 @@ class RaftLog:
         self.applied = self.offset
         #: A snapshot received from the leader that the driver must persist and install.
         self.pending_snapshot: Snapshot | None = None
+        #: Indexes of the configuration-change entries in ``entries``, ascending: they are rare,
+        #: and the kernel looks them up on every commit.
+        self.conf_indexes: list[int] = [e.index for e in entries
+                                        if e.type is EntryType.CONF_CHANGE]
 
     # -- queries -----------------------------------------------------------------------
 
@@ -116,7 +122,11 @@ class RaftLog:
         if keep < len(self.entries):
             del self.entries[keep:]
             self.stable = min(self.stable, first - 1)
+            del self.conf_indexes[bisect_left(self.conf_indexes, first):]
         self.entries.extend(entries)
+        for e in entries:
+            if e.type is EntryType.CONF_CHANGE:
+                self.conf_indexes.append(e.index)
 
     def maybe_append(self, prev_index: int, prev_term: int, commit: int,
                      entries: tuple[Entry, ...]) -> int | None:
@@ -138,6 +148,12 @@ class RaftLog:
         self.commit_to(min(commit, last_new))
         return last_new
 
+    def conf_changes_between(self, lo: int, hi: int) -> list[Entry]:
+        """Configuration-change entries with lo < index <= hi, in order."""
+        ci = self.conf_indexes
+        return [self.entries[i - self.offset - 1]
+                for i in ci[bisect_right(ci, lo):bisect_right(ci, hi)]]
+
     def commit_to(self, index: int) -> bool:
         if index > self.committed:
             self.committed = min(index, self.last_index())
@@ -156,6 +172,7 @@ class RaftLog:
         self.snapshot = snapshot
         self.offset = snapshot.meta.index
         self.entries = []
+        self.conf_indexes = []
         self.committed = self.offset
         self.stable = self.offset
         self.pending_snapshot = snapshot
@@ -173,5 +190,6 @@ class RaftLog:
         assert index <= self.applied, "snapshot past the applied index"
         assert self.match_term(index, snapshot.meta.term), "snapshot term mismatch"
         del self.entries[: index - self.offset]
+        del self.conf_indexes[: bisect_right(self.conf_indexes, index)]
         self.offset = index
         self.snapshot = snapshot

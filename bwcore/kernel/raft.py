@@ -426,6 +426,7 @@ class Raft:
         was_paused = pr.is_paused()
         if not pr.maybe_update(m.index):
             return
+        committed = self.log.committed
         if pr.state is ProgressState.PROBE:
             pr.become_replicate()
         elif pr.state is ProgressState.SNAPSHOT and pr.match >= pr.pending_snapshot:
@@ -433,7 +434,8 @@ class Raft:
             pr.become_replicate()
         elif pr.state is ProgressState.REPLICATE:
             pr.free_to(m.index)
-        if self.maybe_commit():
+        # Only an acknowledgement past the commit index can move it.
+        if m.index > committed and self.maybe_commit():
             self.bcast_append()
         elif was_paused:
             self.send_append(m.frm)
@@ -503,10 +505,13 @@ class Raft:
     def _apply_conf_changes(self) -> None:
         """Configuration changes take effect when committed (one at a time, dissertation §4.1)."""
         while self.conf_applied < self.log.committed:
-            self.conf_applied += 1
-            e = self.log.entry(self.conf_applied)
-            if e is not None and e.type is EntryType.CONF_CHANGE:
-                self._switch_conf(ConfChange.decode(e.data).apply(self.conf))
+            changes = self.log.conf_changes_between(self.conf_applied, self.log.committed)
+            if not changes:
+                self.conf_applied = self.log.committed
+                return
+            # One at a time: switching may commit more (a smaller quorum), which re-enters.
+            self.conf_applied = changes[0].index
+            self._switch_conf(ConfChange.decode(changes[0].data).apply(self.conf))
 
     def _switch_conf(self, conf: ConfState) -> None:
         self.conf = conf

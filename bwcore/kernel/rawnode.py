@@ -151,12 +151,14 @@ class RawNode:
     def has_ready(self) -> bool:
         r = self._raft
         log = r.log
+        prev_hard, prev_soft = self._prev_hard, self._prev_soft
         return bool(
             r.msgs or r.read_states
             or log.stable < log.last_index() or log.pending_snapshot is not None
             or log.has_next_committed()
-            or r.hard_state() != self._prev_hard
-            or self._soft() != self._prev_soft
+            or r.term != prev_hard.term or r.vote != prev_hard.vote
+            or log.committed != prev_hard.commit
+            or r.leader != prev_soft.leader or r.role is not prev_soft.role
         )
 
     def ready(self) -> Ready:
