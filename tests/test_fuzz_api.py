@@ -54,17 +54,16 @@ def site() -> tuple[FakeNode, Http]:
     return node, Http(ApiResource(node))
 
 
-NODE, HTTP = site()
-
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(METHODS), paths, st.sampled_from(QUERIES), headers, bodies)
 def test_random_requests_get_json_answers_and_the_site_keeps_serving(
         method: str, route: str, query: str, extra: dict[str, str],
         body: bytes | None) -> None:
+    node, http = site()  # a site per example: its connections stay open (StringTransport)
     headers = {k: v for k, v in extra.items() if k != "Transfer-Encoding"}
     path = route + query
-    _, transport = HTTP.send(Http.build(method, path, body, headers))
+    _, transport = http.send(Http.build(method, path, body, headers))
     raw = transport.value()
     if raw:  # a 413 or an early close may come before any body; otherwise an answer
         answer = Response(raw)
@@ -75,14 +74,15 @@ def test_random_requests_get_json_answers_and_the_site_keeps_serving(
             if answer.status >= 400:
                 assert 400 <= answer.status < 500 or answer.status == 503
                 assert isinstance(decoded, dict) and isinstance(decoded.get("error"), str)
-    NODE.faults.heal()  # a fuzzed request may have set a partition: that is allowed
-    assert HTTP.put("health", {"value": "ok"}).status == 200
-    assert HTTP.request("GET", "/v1/kv/health").json()["value"] == "ok"
+    node.faults.heal()  # a fuzzed request may have set a partition: that is allowed
+    assert http.put("health", {"value": "ok"}).status == 200
+    assert http.request("GET", "/v1/kv/health").json()["value"] == "ok"
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(min_size=1, max_size=300))
 def test_random_bytes_on_the_api_port_never_raise(data: bytes) -> None:
     """Raw garbage on a connection gets at most an error answer or a close, never a crash."""
-    HTTP.send(data)
-    assert HTTP.request("GET", "/v1/status").status == 200
+    _, http = site()
+    http.send(data)
+    assert http.request("GET", "/v1/status").status == 200
