@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from prometheus_client import CollectorRegistry
     from twisted.application.service import IService
     from twisted.internet.defer import Deferred
@@ -58,6 +60,42 @@ class StateMachine(Protocol):
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with one produced by :meth:`snapshot`."""
+
+
+@runtime_checkable
+class SnapshotsOffReactor(Protocol):
+    """Optional for a :class:`StateMachine`: snapshots that do not stop the reactor thread.
+
+    Without these methods the node calls :meth:`StateMachine.snapshot` and
+    :meth:`StateMachine.restore` on the reactor thread, which serves nothing else meanwhile.
+    With them, the slow halves run on a worker thread while the node goes on applying:
+
+    - taking a snapshot: ``serialize = snapshot_begin()`` on the reactor thread, at the
+      applied index, then ``serialize()`` once on a worker thread;
+    - installing one: ``install = restore_prepare(data)`` on a worker thread, then
+      ``install()`` on the reactor thread.
+
+    The built-in KV state machine implements both (copy-on-write, see
+    ``bwraft_plugins.kv.KVStateMachine``).
+    """
+
+    def snapshot_begin(self) -> Callable[[], bytes]:
+        """Freeze the state as of ``applied_index``, cheaply, and return its serializer.
+
+        Called on the reactor thread; must be quick (no O(state) copy). The serializer is
+        called once, on a worker thread, while :meth:`StateMachine.apply` goes on: it must
+        read only what was frozen here and return what :meth:`StateMachine.snapshot` would
+        have returned at this point. It should not hold the GIL for long stretches (no single
+        C call over the whole state), or the reactor thread waits for it anyway.
+        """
+
+    def restore_prepare(self, data: bytes) -> Callable[[], None]:
+        """Decode and check an image, without touching the live state; return the install step.
+
+        Called on a worker thread while the reactor thread may read the state. Raises
+        ValueError for an image that is not valid (nothing changed). The returned callable is
+        run on the reactor thread and must quickly swap the decoded state in.
+        """
 
 
 # -------------------------------------------------------------------------------------------
@@ -310,8 +348,9 @@ def bwraft_should_snapshot(node: RaftNode, applied_index: int, log_entries: int,
     """Decide whether to snapshot the state machine now and compact the log.
 
     Called after each batch of applied entries, unless a snapshot is already being taken.
-    On True the node takes ``state_machine.snapshot()`` at ``applied_index``, stores it and
-    drops the log up to it (Raft §7). Without any plugin answering, the log is not compacted.
+    On True the node takes a snapshot of the state machine at ``applied_index`` (off the
+    reactor thread if it implements :class:`SnapshotsOffReactor`), stores it and drops the log
+    up to it (Raft §7). Without any plugin answering, the log is not compacted.
 
     :param node: This node.
     :param applied_index: The index a snapshot would cover.

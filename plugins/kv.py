@@ -14,12 +14,13 @@ entry data, because one bad entry must not stop every replica that applies it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
 from bwcore.hookspecs import hookimpl
+from bwraft_plugins.kv_snapshot import decode_image, encode_image
 
 __all__ = ["KVPlugin", "KVStateMachine", "encode_command", "OPS"]
 
@@ -34,8 +35,6 @@ _FIELDS_BY_OP = {
     "delete": frozenset({_F_OP, _F_KEY, _F_ID}),
     "cas": frozenset({_F_OP, _F_KEY, _F_VALUE, _F_EXPECT, _F_ABSENT, _F_ID}),
 }
-_SNAPSHOT_FORMAT = 1
-
 
 class CommandError(ValueError):
     """A command that cannot be applied; its message becomes the ``error`` result."""
@@ -107,8 +106,29 @@ def _validate(command: Any) -> None:
             raise CommandError("cas needs exactly one of expect or expect_absent")
 
 
+#: In the overlay: the key was deleted while a snapshot was being serialized.
+_DELETED: Any = object()
+
+
+class _Freeze:
+    """A snapshot being serialized from the frozen dict; ``done`` once it no longer reads it."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+
 class KVStateMachine:
     """A replicated map from str keys to str values with exactly-once commands.
+
+    Snapshots do not copy the state (Raft §7 allows "copy-on-write techniques" so that writes
+    go on while a snapshot is written). :meth:`snapshot_begin` freezes the dict as it is, in
+    O(1), and hands out a serializer that reads only the frozen dict; until that serializer
+    has finished, writes go to an overlay that every read consults first, and the first call
+    after it finished merges the overlay back in O(writes made meanwhile). The exactly-once
+    table is an append-only list (plus an index by request id), so a snapshot just keeps
+    that list and the bounds of its live part.
 
     Attributes:
         applied_index: The index of the last log entry applied (0 before any).
@@ -128,17 +148,32 @@ class KVStateMachine:
             raise ValueError(f"dedup_window must be an int >= 0, got {dedup_window!r}")
         self.dedup_window = dedup_window
         self.applied_index = 0
+        # The state is _data overlaid by _overlay; _overlay is None unless a snapshot is being
+        # serialized from _data, which then must not change.
         self._data: dict[str, str] = {}
-        # Insertion order is apply order; the oldest id is evicted first on every replica.
-        self._applied_requests: OrderedDict[str, dict] = OrderedDict()
+        self._overlay: dict[str, Any] | None = None
+        # Overlay keys that were absent when last written: a plain dict would have put them
+        # last, so the merge does too, and every replica's image stays byte for byte the same.
+        self._appended: set[str] = set()
+        self._size = 0  # the number of keys while _overlay is not None
+        self._freeze: _Freeze | None = None
+        # Exactly-once: (request_id, result) in apply order, live from _requests_start on; the
+        # oldest id is forgotten first on every replica. The list is only appended to, and
+        # replaced (never cut in place) when its forgotten prefix is dropped, so a serializer
+        # can go on reading the list it was given.
+        self._requests: list[tuple[str, dict]] = []
+        self._requests_start = 0
+        self._results: dict[str, dict] = {}
 
     def __len__(self) -> int:
         """Return the number of keys present."""
-        return len(self._data)
+        self._settle()
+        return len(self._data) if self._overlay is None else self._size
 
     def get(self, key: str) -> str | None:
         """Return the value of ``key`` as of ``applied_index``, or None when absent."""
-        return self._data.get(key)
+        self._settle()
+        return self._lookup(key)
 
     def apply(self, index: int, data: bytes) -> dict:
         """Apply the committed entry at ``index`` and return its result.
@@ -158,6 +193,7 @@ class KVStateMachine:
         """
         if type(index) is not int or index <= self.applied_index:
             return {"error": f"index {index!r} is not after applied index {self.applied_index}"}
+        self._settle()
         self.applied_index = index
         if not data:
             return {"index": index}
@@ -168,25 +204,23 @@ class KVStateMachine:
             return {"error": str(exc)}
         request_id = command.get(_F_ID)
         if request_id is not None:
-            first = self._applied_requests.get(request_id)
+            first = self._results.get(request_id)
             if first is not None:
                 return dict(first)
         result = self._execute(index, command)
         if request_id is not None and self.dedup_window:
-            self._applied_requests[request_id] = result
-            if len(self._applied_requests) > self.dedup_window:
-                self._applied_requests.popitem(last=False)
+            self._remember(request_id, result)
             return dict(result)
         return result
 
     def _execute(self, index: int, command: dict) -> dict:
         op, key = command[_F_OP], command[_F_KEY]
         if op == "put":
-            self._data[key] = command[_F_VALUE]
+            self._put(key, command[_F_VALUE])
             return {"index": index}
         if op == "delete":
-            return {"index": index, "deleted": self._data.pop(key, None) is not None}
-        current = self._data.get(key)
+            return {"index": index, "deleted": self._delete(key)}
+        current = self._lookup(key)
         if command.get(_F_ABSENT, False):
             matches = current is None
         else:
@@ -194,20 +228,136 @@ class KVStateMachine:
         if matches:
             new = command.get(_F_VALUE)
             if new is None:
-                self._data.pop(key, None)
+                self._delete(key)
             else:
-                self._data[key] = new
+                self._put(key, new)
             current = new
         return {"ok": matches, "value": current, "index": index}
 
+    def _remember(self, request_id: str, result: dict) -> None:
+        self._requests.append((request_id, result))
+        self._results[request_id] = result
+        if len(self._results) > self.dedup_window:
+            oldest, _ = self._requests[self._requests_start]
+            del self._results[oldest]
+            self._requests_start += 1
+            if self._requests_start >= max(self.dedup_window, 1024):
+                # A new list, amortized O(1) per id: a serializer may hold the old one.
+                self._requests = self._requests[self._requests_start:]
+                self._requests_start = 0
+
+    # -- the key-value state, overlaid while a snapshot is being serialized ----------------------
+
+    def _lookup(self, key: str) -> str | None:
+        overlay = self._overlay
+        if overlay is not None and key in overlay:
+            value = overlay[key]
+            return None if value is _DELETED else value
+        return self._data.get(key)
+
+    def _put(self, key: str, value: str) -> None:
+        overlay = self._overlay
+        if overlay is None:
+            self._data[key] = value
+            return
+        if self._lookup(key) is None:
+            overlay.pop(key, None)  # to the end, as a plain dict would put a new key
+            self._appended.add(key)
+            self._size += 1
+        overlay[key] = value
+
+    def _delete(self, key: str) -> bool:
+        overlay = self._overlay
+        if overlay is None:
+            return self._data.pop(key, None) is not None
+        if self._lookup(key) is None:
+            return False
+        overlay[key] = _DELETED
+        self._size -= 1
+        return True
+
+    def _settle(self) -> None:
+        """Merge the overlay back once the serializer that froze ``_data`` has finished."""
+        freeze = self._freeze
+        if freeze is not None and freeze.done:
+            self._merge_overlay_into(self._data)
+
+    def _merge_overlay_into(self, data: dict[str, str]) -> None:
+        overlay, appended = self._overlay, self._appended
+        assert overlay is not None
+        for key, value in overlay.items():
+            if value is _DELETED:
+                data.pop(key, None)
+            else:
+                if key in appended:
+                    data.pop(key, None)
+                data[key] = value
+        self._data = data
+        self._overlay, self._appended, self._freeze = None, set(), None
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def snapshot_begin(self) -> Callable[[], bytes]:
+        """Freeze the whole state as it is now and return its serializer.
+
+        Called on the reactor thread, in O(1) (O(keys) only if the previous serializer has not
+        finished yet: the new snapshot then needs a frozen dict of its own). The serializer
+        may run on any thread, once, while ``apply`` goes on: it reads only what was frozen
+        here, packing it a few thousand keys per msgpack call (:mod:`bwraft_plugins.kv_snapshot`)
+        so that it never holds the GIL for long.
+
+        Returns:
+            A callable returning the image: data, the exactly-once table and
+            ``applied_index``, exactly as :meth:`snapshot` would have returned it now.
+        """
+        self._settle()
+        if self._freeze is not None:
+            self._merge_overlay_into(dict(self._data))
+        freeze = _Freeze()
+        data, applied_index = self._data, self.applied_index
+        requests, start, end = self._requests, self._requests_start, len(self._requests)
+        self._overlay, self._size, self._freeze = {}, len(data), freeze
+
+        def serialize() -> bytes:
+            try:
+                return encode_image(applied_index, data, requests[start:end])
+            finally:
+                freeze.done = True
+
+        return serialize
+
     def snapshot(self) -> bytes:
         """Serialize the whole state: data, the exactly-once table and ``applied_index``."""
-        return msgpack.packb({
-            "format": _SNAPSHOT_FORMAT,
-            "applied_index": self.applied_index,
-            "data": self._data,
-            "requests": [[rid, result] for rid, result in self._applied_requests.items()],
-        })
+        image = self.snapshot_begin()()
+        self._settle()
+        return image
+
+    def restore_prepare(self, data: bytes) -> Callable[[], None]:
+        """Decode and check a snapshot without touching the state; return the install step.
+
+        Safe on any thread: it reads nothing of this state machine but ``dedup_window``. The
+        returned callable (run on the reactor thread) swaps the decoded state in, in O(1). If
+        this replica's ``dedup_window`` is smaller than the snapshot's table, the oldest ids
+        are dropped.
+
+        Raises:
+            ValueError: ``data`` is not a valid snapshot (nothing changes).
+        """
+        applied_index, kv, pairs = decode_image(data)
+        results = dict(pairs)
+        if len(results) != len(pairs):
+            raise ValueError("invalid KV snapshot: a request id appears twice")
+        if len(pairs) > self.dedup_window:
+            pairs = pairs[len(pairs) - self.dedup_window:]
+            results = dict(pairs)
+
+        def install() -> None:
+            # A serializer still running keeps the dict it froze; nothing here touches it.
+            self._overlay, self._appended, self._freeze = None, set(), None
+            self.applied_index, self._data = applied_index, kv
+            self._requests, self._requests_start, self._results = pairs, 0, results
+
+        return install
 
     def restore(self, data: bytes) -> None:
         """Replace the whole state with a snapshot taken by :meth:`snapshot`.
@@ -219,15 +369,7 @@ class KVStateMachine:
         Raises:
             ValueError: ``data`` is not a valid snapshot.
         """
-        try:
-            snap = _decode(data)
-        except CommandError as exc:
-            raise ValueError(f"invalid KV snapshot: {exc}") from None
-        applied_index, kv, requests = _check_snapshot(snap)
-        table: OrderedDict[str, dict] = OrderedDict(requests)
-        while len(table) > self.dedup_window:
-            table.popitem(last=False)
-        self.applied_index, self._data, self._applied_requests = applied_index, kv, table
+        self.restore_prepare(data)()
 
 
 def _decode(data: bytes) -> Any:
@@ -242,24 +384,6 @@ def _decode(data: bytes) -> Any:
     except Exception as exc:  # noqa: BLE001
         raise CommandError(f"malformed msgpack: {type(exc).__name__}: {exc}") from None
 
-
-def _check_snapshot(snap: Any) -> tuple[int, dict[str, str], list[tuple[str, dict]]]:
-    """Validate a decoded snapshot and return its parts, or raise ValueError."""
-    if not isinstance(snap, dict) or snap.get("format") != _SNAPSHOT_FORMAT:
-        raise ValueError("invalid KV snapshot: not a format-1 snapshot map")
-    applied_index = snap.get("applied_index")
-    kv = snap.get("data")
-    requests = snap.get("requests")
-    if type(applied_index) is not int or applied_index < 0:
-        raise ValueError("invalid KV snapshot: applied_index must be an int >= 0")
-    if not isinstance(kv, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in kv.items()):
-        raise ValueError("invalid KV snapshot: data must map strings to strings")
-    if not isinstance(requests, list) or not all(
-            isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
-            and isinstance(item[1], dict) for item in requests):
-        raise ValueError("invalid KV snapshot: requests must be [request_id, result] pairs")
-    return applied_index, kv, [(rid, result) for rid, result in requests]
 
 
 class KVPlugin:
