@@ -77,6 +77,7 @@ class Nemesis:
     events: list[FaultEvent] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     _paused: set[str] = field(default_factory=set)
+    _partitioned: bool = False   # whether a partition may be in place (nodes may lack the route)
     _connections: dict[str, http.client.HTTPConnection] = field(default_factory=dict)
 
     @property
@@ -171,6 +172,7 @@ class Nemesis:
         hit = leader is not None and 2 * len(leader_side & voters) <= len(self.cluster.voters)
         event = self._begin("partition", sorted(side), leader, hit_leader=hit,
                             detail=f"{shape}: {sorted(side)} | {sorted(other)}")
+        self._partitioned = True
         failed = [node_id for node_id in nodes
                   if not self._set_partition(node_id, other if node_id in side else side)]
         if failed:
@@ -215,6 +217,8 @@ class Nemesis:
         return self._admin(node_id, "POST", body)
 
     def _heal_partitions(self) -> None:
+        if not self._partitioned:
+            return
         for node_id in self.running():
             self._admin(node_id, "DELETE", None)
 

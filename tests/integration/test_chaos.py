@@ -109,6 +109,26 @@ def test_chaos_catches_stale_reads(tmp_path: Path) -> None:
     assert window.startswith("not linearizable: key") and "cannot be linearized" in window
 
 
+def test_a_reused_cluster_is_left_running_and_partitions_need_fault_injection(
+        tmp_path: Path) -> None:
+    """A cluster from ``bwraft cluster up`` is reused as it is, and stays up afterwards."""
+    cluster = local.up(tmp_path / "cluster", voters=3, tick_ms=TICK_MS)
+    try:
+        with pytest.raises(ChaosError, match="partitions need fault injection on every node"
+                                             r".*n1 \(404"):
+            chaos(tmp_path, ("partition",), 7)
+        options = ChaosOptions(dir=tmp_path / "cluster", duration=10.0, clients=2,
+                               faults=("kill",), seed=7, out=tmp_path / "run",
+                               log=lambda _: None,
+                               client_settings=ClientSettings(keys=("a", "b")))
+        code, summary = run_chaos(options)
+        assert code == 0 and summary["verdict"] == "ok", summary["problems"]
+        assert all(local.running_pid(cluster, n) is not None for n in cluster.nodes)
+    finally:
+        kill_all(cluster)
+        local.down(cluster, grace=5.0)
+
+
 class AlwaysLow(random.Random):
     """Randomness whose ``random()`` is always 0: every coin flip takes its first branch."""
 
