@@ -306,6 +306,29 @@ def test_voters_secretaries_and_garbage_are_never_fed() -> None:
     assert h.node.kernel.helpers == {"obs8"}
 
 
+def test_observers_gossip_knew_before_the_node_started_are_fed() -> None:
+    """At start, a voter feeds the live observers already in its gossip view."""
+
+    @dataclass
+    class View:
+        records: list[Any]
+
+        def members(self) -> list[Any]:
+            return self.records
+
+    @dataclass
+    class Gossip:
+        member: View
+
+    h, plugin = leader_with_plugin()
+    records = [Member(f"obs{i}") for i in (1, 2, 3)]
+    for record, state in zip(records, ("alive", "suspect", "dead")):
+        record.state = state  # type: ignore[attr-defined]
+    h.node.gossip = Gossip(View(records))
+    plugin.bwraft_node_started(h.node)
+    assert h.node.kernel.helpers == {"obs1", "obs2"}
+
+
 def test_nodes_that_are_not_voters_feed_nobody() -> None:
     h, _ = observer()
     h.node.member_event("joined", Member("obs2"))
