@@ -8,6 +8,7 @@ writes, and a restarted one must catch up.
 from __future__ import annotations
 
 import random
+import shutil
 import time
 
 from bwcore import cluster as local
@@ -86,6 +87,18 @@ def test_observers_serve_linearizable_reads_survive_kill_and_catch_up(start_clus
         last = writer.put("final", "y")
         result = readers[victim].get("final")
         assert (result.value, result.index >= last) == ("y", True)
+
+        # Stateless: restarted at once without its data (before gossip could declare it
+        # dead), the other observer announces a new run and is fed again from scratch.
+        local.stop_node(cluster, survivor, "KILL", wait=10.0)
+        shutil.rmtree(cluster.nodes[survivor].folder / "data")
+        local.start_node(cluster, survivor)
+        wait_for(lambda: _caught_up(cluster, leader, [survivor]), 60.0,
+                 "the observer restarted without its data to catch up")
+        readers[survivor].close()
+        readers[survivor] = Client([cluster.nodes[survivor].api], timeout=5.0, deadline=30.0)
+        assert readers[survivor].get("k0").value == f"v{ROUNDS - 50}"
+        assert readers[survivor].get("final").value == "y"
     finally:
         writer.close()
         for reader in readers.values():
