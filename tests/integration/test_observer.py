@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import random
 import shutil
+import threading
 import time
 
 from bwcore import cluster as local
-from bwcore.client import Client
+from bwcore.client import Client, ClientError, NotFound
+from bwcore.client import Unavailable as ClientUnavailable
 from bwcore.config import load_config
+from bwcore.linearizability import Operation, check_history, render_window
 from tests.integration.support import wait_for
 
 ROUNDS = 1000
+KEYS = ("x", "y", "z")
+CLIENTS = 4
 
 
 def _status(cluster: local.Cluster, node_id: str) -> dict:
@@ -118,3 +123,100 @@ def test_a_write_sent_to_an_observer_reaches_the_leader(start_cluster) -> None:
         assert client.get("via-observer", consistency="stale").index >= index
     with Client([cluster.nodes[leader].api]) as client:
         assert client.get("via-observer").value == "1"
+
+
+def _observer_client(client_id: int, endpoints: list[str], stop: threading.Event,
+                     history: list[Operation], errors: list[str], lock: threading.Lock) -> None:
+    """Random puts, cas and deletes through the leader; linearizable gets through observers."""
+    rng = random.Random(client_id)
+    with Client(endpoints, timeout=2.0, deadline=3.0, read_from="observers", rng=rng) as client:
+        counter = 0
+        while not stop.is_set():
+            key, kind = rng.choice(KEYS), rng.choice(("put", "get", "get", "get", "cas"))
+            counter += 1
+            value = f"c{client_id}-{counter}"
+            expect = rng.choice([None, f"c{rng.randrange(CLIENTS)}-{rng.randrange(counter)}"])
+            call = time.monotonic()
+            fields: dict = {}
+            try:
+                if kind == "put":
+                    client.put(key, value)
+                    fields = {"value": value}
+                elif kind == "cas":
+                    result = client.cas(key, expect, value)
+                    fields = {"value": value, "expect": expect, "expect_absent": expect is None,
+                              "output": result.ok}
+                else:
+                    try:
+                        fields = {"output": client.get(key).value}
+                    except NotFound:
+                        fields = {"output": None}
+                outcome: bool | None = True
+                ret: float | None = time.monotonic()
+            except ClientUnavailable:
+                if kind == "get":
+                    continue  # a read that failed has no effect: leave it out
+                outcome, ret = None, None
+                fields = {"value": value}
+                if kind == "cas":
+                    fields.update(expect=expect, expect_absent=expect is None)
+            except ClientError as exc:  # anything else is a bug the test must show
+                errors.append(f"client {client_id}: {kind} {key}: {exc}")
+                return
+            with lock:
+                history.append(Operation(client_id, kind, key, call=call, ret=ret, ok=outcome,
+                                         **fields))
+
+
+def test_observer_reads_linearize_under_leader_and_observer_faults(start_cluster) -> None:
+    """Concurrent clients writing through the leader and reading through the observers,
+    while the leader is SIGKILLed and restarted, an observer SIGKILLed and restarted and
+    another paused: the history is linearizable (PROTOCOL.md invariant 7)."""
+    cluster = start_cluster(voters=3, observers=2)
+    obs1, obs2 = (n.id for n in cluster.nodes.values() if n.role == "observer")
+    leader = local.wait_for_leader(cluster, 30.0, among=cluster.voters)
+    wait_for(lambda: set(_status(cluster, leader).get("helpers", ())) == {obs1, obs2}, 30.0,
+             "the leader to feed both observers")
+    stop, lock = threading.Event(), threading.Lock()
+    history: list[Operation] = []
+    errors: list[str] = []
+    threads = [threading.Thread(target=_observer_client,
+                                args=(i, cluster.endpoints, stop, history, errors, lock))
+               for i in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+
+    def reads_done() -> int:
+        with lock:
+            return sum(1 for op in history if op.op == "get")
+
+    def run_until(count: int) -> None:
+        give_up_at = time.monotonic() + 60
+        while reads_done() < count:
+            assert not errors, errors
+            assert time.monotonic() < give_up_at, f"only {reads_done()} reads completed"
+            time.sleep(0.05)
+
+    try:
+        run_until(100)
+        leader = local.wait_for_leader(cluster, 10.0, among=cluster.voters)
+        local.stop_node(cluster, leader, "KILL", wait=10.0)
+        run_until(reads_done() + 100)
+        local.start_node(cluster, leader)
+        local.stop_node(cluster, obs1, "KILL", wait=10.0)
+        run_until(reads_done() + 100)
+        local.start_node(cluster, obs1)
+        local.stop_node(cluster, obs2, "STOP")
+        run_until(reads_done() + 100)
+        local.stop_node(cluster, obs2, "CONT")
+        run_until(reads_done() + 100)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert not errors, errors
+    result = check_history(history, timeout_s=30)
+    reads = sum(1 for op in history if op.op == "get")
+    print(f"{len(history)} operations ({reads} observer reads): {result.verdict}")
+    assert result.verdict == "ok", render_window(result)
