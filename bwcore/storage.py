@@ -103,3 +103,28 @@ class Storage(Protocol):
     def close(self) -> None:
         """Release the backend's connections. Idempotent."""
         ...
+
+
+@runtime_checkable
+class SnapshotStaging(Protocol):
+    """Optional for a :class:`Storage`: write a snapshot's image apart from the log writer.
+
+    A large image written inside :meth:`Storage.compact` would hold the single writer thread
+    (and every ``save`` queued behind it) for as long as the write takes. A storage offering
+    this method lets the node write the image first, on a thread of its own, while saves go
+    on; ``compact`` with the same snapshot then only records it and drops the log prefix.
+    """
+
+    def stage_snapshot(self, snapshot: Snapshot) -> None:
+        """Make the image of ``snapshot`` durable, without putting the snapshot in effect.
+
+        Called on a thread other than the writer, concurrently with ``save``. A later
+        ``compact(snapshot)`` or ``save(..., snapshot)`` of the same object records it; an
+        image staged but never recorded (refused, or lost with a crash) must not be mistaken
+        for a snapshot, and should be removed when the store next opens.
+
+        Raises:
+            ValueError: The snapshot's index is below 1.
+            StorageError: The image could not be written.
+        """
+        ...

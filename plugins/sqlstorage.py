@@ -3,18 +3,29 @@
 The default store is one SQLite file, ``<data_dir>/raft.db``, in WAL mode with
 ``synchronous=FULL``, so a commit is on disk (the WAL fsynced) when :meth:`SqlStorage.save`
 returns. PostgreSQL is chosen by URL (``postgresql+psycopg2://...``) with
-``synchronous_commit=on``. The layout is four tables: ``meta`` (the schema version),
-``hard_state`` (one row), ``entries`` and ``snapshot`` (at most one row). See docs/storage.md.
+``synchronous_commit=on``. The layout is five tables: ``meta`` (the schema version),
+``hard_state`` (one row), ``entries``, ``snapshot`` (at most one row: the snapshot's metadata
+and which image holds its data) and ``snapshot_images``. See docs/storage.md.
+
+Snapshot images are written apart from the log's transactions, so that a large image never
+delays a group commit: on SQLite as files beside the database
+(:mod:`bwraft_plugins.snapshot_files`), on PostgreSQL as rows of ``snapshot_images`` inserted
+on a connection of their own. The node writes its own snapshot's image first
+(:meth:`SqlStorage.stage_snapshot`, on a thread of its own), then ``compact`` records the
+metadata and drops the log prefix in one short transaction. An image is durable before any
+record names it; an image no record names is removed when the store next opens.
 
 Threading: the node calls :meth:`SqlStorage.load` at start and ``save``/``compact`` from one
 writer thread; every method is also safe to call from any other thread (calls are serialized
 by a lock, and :meth:`SqlStorage.log_stats` answers from memory without waiting for it).
+``stage_snapshot`` takes that lock only briefly, so it runs beside the writer.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,84 +33,32 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from sqlalchemy import (
-    BigInteger,
-    CheckConstraint,
-    Column,
-    Connection,
-    Engine,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    Text,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    inspect,
-    select,
-    update,
-)
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from bwcore.hookspecs import hookimpl
-from bwcore.kernel import ConfState, Entry, EntryType, HardState, Snapshot, SnapshotMeta
+from bwcore.kernel import Entry, HardState, Snapshot, SnapshotMeta
 from bwcore.storage import PersistedState, StorageError
+from bwraft_plugins.snapshot_files import ImageFiles
+from bwraft_plugins.sql_schema import (
+    ENTRY_INDEX,
+    ENTRY_SIZE,
+    SCHEMA_VERSION,
+    check_schema,
+    decode_state,
+    create_engine_for,
+    describe,
+    entries_table,
+    hard_state_table,
+    images_table,
+    reason,
+    snapshot_table,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqlStorage", "SqlStoragePlugin"]
 
-#: The layout this code reads and writes. A store with another version is refused.
-SCHEMA_VERSION = 1
-
 log = structlog.get_logger(__name__)
-
-# On SQLite an INTEGER PRIMARY KEY is the rowid itself, so the log needs no second index;
-# elsewhere indexes and terms are 64-bit (a long-lived cluster passes 2**31 entries).
-_LOG_INDEX = BigInteger().with_variant(Integer(), "sqlite")
-
-metadata = MetaData()
-meta_table = Table(
-    "meta",
-    metadata,
-    Column("key", String(64), primary_key=True),
-    Column("value", Text, nullable=False),
-)
-hard_state_table = Table(
-    "hard_state",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("term", BigInteger, nullable=False),
-    Column("vote", Text, nullable=True),
-    Column("commit_index", BigInteger, nullable=False),
-    CheckConstraint("id = 1", name="hard_state_single_row"),
-)
-entries_table = Table(
-    "entries",
-    metadata,
-    Column("index", _LOG_INDEX, primary_key=True, autoincrement=False),
-    Column("term", BigInteger, nullable=False),
-    Column("type", Integer, nullable=False),
-    Column("data", LargeBinary, nullable=False),
-)
-snapshot_table = Table(
-    "snapshot",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=False),
-    Column("index", BigInteger, nullable=False),
-    Column("term", BigInteger, nullable=False),
-    Column("voters", Text, nullable=False),  # JSON list of node ids, sorted
-    Column("learners", Text, nullable=False),
-    Column("data", LargeBinary, nullable=False),
-    CheckConstraint("id = 1", name="snapshot_single_row"),
-)
-
-_ENTRY_INDEX = entries_table.c["index"]
-_ENTRY_SIZE = func.coalesce(func.sum(func.length(entries_table.c.data)), 0)
 
 
 @dataclass(frozen=True)
@@ -111,6 +70,7 @@ class _LogShape:
     last_index: int  # == snapshot_index when no entry is stored
     count: int
     size: int
+    image: int = 0  # the stored snapshot's image id (0: no snapshot)
 
 
 class SqlStorage:
@@ -135,12 +95,12 @@ class SqlStorage:
         except (ArgumentError, ValueError) as exc:
             # The text may hold a password: name the setting, not its value.
             raise StorageError(f"storage url: not a database URL ({exc})") from exc
-        self._where = _describe(parsed)
+        self._where = describe(parsed)
         self._is_sqlite = parsed.get_backend_name() == "sqlite"
         if not self._is_sqlite and parsed.get_backend_name() != "postgresql":
             raise StorageError(f"{self._where}: only sqlite and postgresql URLs are supported")
         try:
-            self._engine = _create_engine(parsed)
+            self._engine = create_engine_for(parsed)
         except (ImportError, ArgumentError) as exc:
             raise StorageError(
                 f"{self._where}: cannot use this URL ({exc}); PostgreSQL needs bwraft[postgres]"
@@ -149,11 +109,26 @@ class SqlStorage:
         self._schema_checked = False
         self._shape: _LogShape | None = None
         self._closed = False
+        # Images: files beside a SQLite database file, else rows of snapshot_images.
+        self._files: ImageFiles | None = None
+        if self._is_sqlite and parsed.database not in (None, "", ":memory:"):
+            database = Path(parsed.database)
+            self._files = ImageFiles(database.with_name(f"{database.stem}-snapshots"))
+        # Image ids handed out, and images written but not yet named by the snapshot record.
+        self._images_lock = threading.Lock()
+        self._next_image = 1
+        self._staged: dict[int, tuple[Snapshot, int]] = {}  # id -> (snapshot, CRC-32)
 
     @property
     def where(self) -> str:
         """Where the state lives: the SQLite file, or the URL without its password."""
         return self._where
+
+    @property
+    def images_directory(self) -> Path | None:
+        """Where snapshot image files live (SQLite on disk), or None: rows of
+        ``snapshot_images`` (PostgreSQL, in-memory SQLite)."""
+        return self._files.directory if self._files is not None else None
 
     # ---------------------------------------------------------------- the Storage protocol
 
@@ -164,8 +139,9 @@ class SqlStorage:
             with self._transaction("load the Raft log", read_only=True) as conn:
                 hard_rows = conn.execute(select(hard_state_table)).all()
                 snapshot_rows = conn.execute(select(snapshot_table)).all()
-                entry_rows = conn.execute(select(entries_table).order_by(_ENTRY_INDEX)).all()
-            state = self._decode(hard_rows, snapshot_rows, entry_rows)
+                entry_rows = conn.execute(select(entries_table).order_by(ENTRY_INDEX)).all()
+                image = self._read_image(conn, snapshot_rows[0]) if snapshot_rows else b""
+            state = decode_state(self._where, hard_rows, snapshot_rows, entry_rows, image)
             meta = state.snapshot.meta if state.snapshot else SnapshotMeta()
             self._shape = _LogShape(
                 snapshot_index=meta.index,
@@ -173,6 +149,7 @@ class SqlStorage:
                 last_index=state.entries[-1].index if state.entries else meta.index,
                 count=len(state.entries),
                 size=sum(len(entry.data) for entry in state.entries),
+                image=int(snapshot_rows[0].image) if snapshot_rows else 0,
             )
             return state
 
@@ -186,23 +163,25 @@ class SqlStorage:
         _check_contiguous(entries)
         if snapshot is not None and snapshot.meta.index < 1:
             raise ValueError(f"a snapshot must cover index 1 or more, not {snapshot.meta.index}")
+        image = self._claim_image(snapshot) if snapshot is not None else None
 
         def write(conn: Connection, shape: _LogShape) -> _LogShape:
-            if snapshot is not None:
-                shape = self._install_snapshot(conn, shape, snapshot)
+            if snapshot is not None and image is not None:
+                shape = self._install_snapshot(conn, shape, snapshot, image)
             if entries:
                 shape = self._append(conn, shape, entries)
             if hard_state is not None:
                 self._put_hard_state(conn, hard_state)
             return shape
 
-        self._write("save a Ready", write)
+        self._write("save a Ready", write, image)
 
     def compact(self, snapshot: Snapshot) -> None:
         """Store a local snapshot and drop the entries it covers (Raft §7)."""
         index, term = snapshot.meta.index, snapshot.meta.term
         if index < 1:
             raise ValueError(f"a snapshot must cover index 1 or more, not {index}")
+        image = self._claim_image(snapshot)
 
         def write(conn: Connection, shape: _LogShape) -> _LogShape:
             if index < shape.snapshot_index:
@@ -217,7 +196,7 @@ class SqlStorage:
             if index == shape.snapshot_index:
                 stored_term = shape.snapshot_term
             else:
-                stored_term = conn.scalar(select(entries_table.c.term).where(_ENTRY_INDEX == index))
+                stored_term = conn.scalar(select(entries_table.c.term).where(ENTRY_INDEX == index))
                 if stored_term is None:
                     raise StorageError(f"{self._where}: entry {index} is missing from the log")
             if term != stored_term:
@@ -226,19 +205,36 @@ class SqlStorage:
                     f"{stored_term}"
                 )
             dropped, dropped_size = conn.execute(
-                select(func.count(), _ENTRY_SIZE).where(_ENTRY_INDEX <= index)
+                select(func.count(), ENTRY_SIZE).where(ENTRY_INDEX <= index)
             ).one()
-            conn.execute(delete(entries_table).where(_ENTRY_INDEX <= index))
-            self._put_snapshot(conn, snapshot)
+            conn.execute(delete(entries_table).where(ENTRY_INDEX <= index))
+            self._put_snapshot(conn, snapshot.meta, image)
             return _LogShape(
                 snapshot_index=index,
                 snapshot_term=term,
                 last_index=shape.last_index,
                 count=shape.count - dropped,
                 size=shape.size - int(dropped_size),
+                image=image[0],
             )
 
-        self._write("compact the Raft log", write)
+        self._write("compact the Raft log", write, image)
+
+    def stage_snapshot(self, snapshot: Snapshot) -> None:
+        """Write the image of ``snapshot`` durably, apart from the log's transactions.
+
+        Meant for a thread other than the writer: it holds the storage lock only for a
+        moment (except on an in-memory SQLite store, where there is one connection). A
+        following :meth:`compact` or :meth:`save` of this same snapshot object then records
+        only its metadata. An image staged but never recorded is removed at the next open.
+
+        Raises:
+            ValueError: The snapshot's index is below 1.
+            StorageError: The image could not be written.
+        """
+        if snapshot.meta.index < 1:
+            raise ValueError(f"a snapshot must cover index 1 or more, not {snapshot.meta.index}")
+        self._stage(snapshot)
 
     def log_stats(self) -> tuple[int, int]:
         """Return ``(entry count, total data bytes)``; from memory once the store is open."""
@@ -256,6 +252,8 @@ class SqlStorage:
             if not self._closed:
                 self._closed = True
                 self._engine.dispose()
+        with self._images_lock:
+            self._staged.clear()
 
     # ---------------------------------------------------------------- diagnostics
 
@@ -293,34 +291,151 @@ class SqlStorage:
                 with conn.begin():
                     yield conn
         except SQLAlchemyError as exc:
-            raise StorageError(f"{self._where}: cannot {action}: {_reason(exc)}") from exc
+            raise StorageError(f"{self._where}: cannot {action}: {reason(exc)}") from exc
 
-    def _write(self, action: str, body: Callable[[Connection, _LogShape], _LogShape]) -> None:
-        """Run ``body`` in a write transaction and remember the log shape it returns."""
+    def _write(self, action: str, body: Callable[[Connection, _LogShape], _LogShape],
+               image: tuple[int, int, int] | None = None) -> None:
+        """Run ``body`` in a write transaction and remember the log shape it returns.
+
+        ``image`` is the (id, size, CRC-32) of a durable image ``body`` may record: refused
+        (ValueError, nothing changed), it is deleted. The image a commit stops naming is
+        deleted with it: a row in the same transaction, a file once the commit is durable.
+        """
         with self._lock:
             self._open()
             try:
                 with self._transaction(action) as conn:
                     shape = self._shape or self._query_shape(conn)
                     new_shape = body(conn, shape)
+                    replaced = shape.image if shape.image != new_shape.image else 0
+                    if replaced and self._files is None:
+                        conn.execute(delete(images_table).where(images_table.c.id == replaced))
+            except ValueError:
+                self._shape = None
+                if image is not None:
+                    self._forget_image(image[0])
+                raise
             except BaseException:
-                # A failed commit may or may not have reached the disk: ask the database.
+                # A failed commit may or may not have reached the disk: ask the database. The
+                # image stays: the commit may name it; the next open removes it if not.
                 self._shape = None
                 raise
             self._shape = new_shape
+            if replaced and self._files is not None:
+                self._files.remove([replaced])
 
     def _open(self) -> None:
-        """Check (or create) the schema once. Called with the lock held."""
+        """Check (or create) the schema once, and remove images no record names. Called
+        with the lock held, before any image is staged."""
         if self._schema_checked:
             return
         with self._transaction("open the Raft log") as conn:
-            self._check_schema(conn)
+            check_schema(conn, self._where)
+            named = conn.scalar(select(snapshot_table.c.image))
+            keep = {int(named)} if named is not None else set()
+            if self._files is None:
+                present = {int(i) for i in conn.scalars(select(images_table.c.id))}
+                for orphan in present - keep:
+                    conn.execute(delete(images_table).where(images_table.c.id == orphan))
+            else:
+                present = self._files.ids()
+        if self._files is not None:
+            self._files.remove_all_but(keep)
+        with self._images_lock:
+            self._next_image = max(present | keep, default=0) + 1
         self._schema_checked = True
+
+    # ---------------------------------------------------------------- snapshot images
+
+    def _stage(self, snapshot: Snapshot) -> int:
+        """Write the image of ``snapshot`` durably under a new id; remember it as staged."""
+        if self._closed:
+            raise StorageError(f"{self._where}: cannot store a snapshot image: the storage"
+                               " is closed")
+        if not self._schema_checked:
+            with self._lock:
+                self._open()
+        data = snapshot.data
+        crc = zlib.crc32(data)  # releases the GIL on large buffers
+        with self._images_lock:
+            image_id = self._next_image
+            self._next_image += 1
+        if self._files is not None:
+            try:
+                self._files.write(image_id, data)
+            except OSError as exc:
+                raise StorageError(f"{self._where}: cannot write snapshot image"
+                                   f" {self._files.path(image_id)}: {exc}") from exc
+        elif self._is_sqlite:  # in memory: one connection, shared with the writer
+            with self._lock:
+                self._insert_image(image_id, data)
+        else:
+            self._insert_image(image_id, data)
+        with self._images_lock:
+            self._staged[image_id] = (snapshot, crc)
+        return image_id
+
+    def _insert_image(self, image_id: int, data: bytes) -> None:
+        with self._transaction("store a snapshot image") as conn:
+            conn.execute(insert(images_table).values(id=image_id, data=data))
+
+    def _claim_image(self, snapshot: Snapshot) -> tuple[int, int, int]:
+        """The (id, size, CRC-32) of a durable image of ``snapshot``: the one staged for this
+        very snapshot, or one written now, on the calling thread."""
+        with self._images_lock:
+            for image_id, (staged, crc) in self._staged.items():
+                if staged.data is snapshot.data and staged.meta == snapshot.meta:
+                    del self._staged[image_id]
+                    return image_id, len(snapshot.data), crc
+        image_id = self._stage(snapshot)
+        with self._images_lock:
+            _, crc = self._staged.pop(image_id)
+        return image_id, len(snapshot.data), crc
+
+    def _forget_image(self, image_id: int) -> None:
+        """Delete an image no commit names (called with the lock held)."""
+        if self._files is not None:
+            self._files.remove([image_id])
+            return
+        try:
+            with self._transaction("remove a snapshot image") as conn:
+                conn.execute(delete(images_table).where(images_table.c.id == image_id))
+        except StorageError as exc:
+            # Only space is lost; the next open removes it.
+            log.warning("snapshot_image_not_removed", where=self._where, image=image_id,
+                        error=str(exc))
+
+    def _read_image(self, conn: Connection, row: Any) -> bytes:
+        """The data of the snapshot record ``row``, checked against its size and CRC-32."""
+        image_id, size, crc = int(row.image), int(row.size), int(row.crc32)
+        if self._files is not None:
+            name = str(self._files.path(image_id))
+            try:
+                data = self._files.read(image_id)
+            except FileNotFoundError:
+                raise StorageError(f"{self._where}: snapshot image {name} is missing") from None
+            except OSError as exc:
+                raise StorageError(f"{self._where}: cannot read snapshot image {name}:"
+                                   f" {exc}") from exc
+        else:
+            name = f"{images_table.name} row {image_id}"
+            found = conn.scalar(select(images_table.c.data).where(images_table.c.id == image_id))
+            if found is None:
+                raise StorageError(f"{self._where}: snapshot image {name} is missing")
+            data = bytes(found)
+        actual_crc = zlib.crc32(data)
+        if len(data) != size or actual_crc != crc:
+            raise StorageError(
+                f"{self._where}: snapshot image {name} is corrupt: {len(data)} bytes with"
+                f" CRC-32 {actual_crc:08x}, the record says {size} bytes with {crc:08x}"
+            )
+        return data
 
     # ---------------------------------------------------------------- writes
 
     def _install_snapshot(
-        self, conn: Connection, shape: _LogShape, snapshot: Snapshot
+        self, conn: Connection, shape: _LogShape, snapshot: Snapshot,
+        image: tuple[int, int, int],
     ) -> _LogShape:
         meta = snapshot.meta
         if meta.index < shape.snapshot_index:
@@ -328,9 +443,9 @@ class SqlStorage:
                 f"snapshot at index {meta.index} is older than the stored one at "
                 f"{shape.snapshot_index}"
             )
-        self._put_snapshot(conn, snapshot)
+        self._put_snapshot(conn, meta, image)
         conn.execute(delete(entries_table))
-        return _LogShape(meta.index, meta.term, meta.index, 0, 0)
+        return _LogShape(meta.index, meta.term, meta.index, 0, 0, image[0])
 
     def _append(self, conn: Connection, shape: _LogShape, entries: Sequence[Entry]) -> _LogShape:
         first = entries[0].index
@@ -344,9 +459,9 @@ class SqlStorage:
         if first <= shape.last_index:
             # A conflicting suffix (Raft §5.3): the new entries replace it.
             dropped, dropped_size = conn.execute(
-                select(func.count(), _ENTRY_SIZE).where(_ENTRY_INDEX >= first)
+                select(func.count(), ENTRY_SIZE).where(ENTRY_INDEX >= first)
             ).one()
-            conn.execute(delete(entries_table).where(_ENTRY_INDEX >= first))
+            conn.execute(delete(entries_table).where(ENTRY_INDEX >= first))
         if self._is_sqlite:
             # Straight to sqlite3's executemany: SQLAlchemy's per-row parameter processing
             # cost the leader's writer thread more, under the GIL, than the insert itself.
@@ -367,6 +482,7 @@ class SqlStorage:
             last_index=entries[-1].index,
             count=shape.count - dropped + len(entries),
             size=shape.size - int(dropped_size) + sum(len(e.data) for e in entries),
+            image=shape.image,
         )
 
     def _put_hard_state(self, conn: Connection, hard_state: HardState) -> None:
@@ -378,8 +494,10 @@ class SqlStorage:
         if result.rowcount != 1:
             raise StorageError(f"{self._where}: the hard_state row is missing")
 
-    def _put_snapshot(self, conn: Connection, snapshot: Snapshot) -> None:
-        meta = snapshot.meta
+    def _put_snapshot(self, conn: Connection, meta: SnapshotMeta,
+                      image: tuple[int, int, int]) -> None:
+        """Record ``meta`` and the durable image holding its data, replacing the record."""
+        image_id, size, crc = image
         conn.execute(delete(snapshot_table))
         conn.execute(
             insert(snapshot_table).values(
@@ -388,89 +506,26 @@ class SqlStorage:
                 term=meta.term,
                 voters=json.dumps(sorted(meta.conf.voters)),
                 learners=json.dumps(sorted(meta.conf.learners)),
-                data=snapshot.data,
+                image=image_id,
+                size=size,
+                crc32=crc,
             )
         )
 
     # ---------------------------------------------------------------- reads and checks
 
     def _query_shape(self, conn: Connection) -> _LogShape:
-        row = conn.execute(select(snapshot_table.c["index"], snapshot_table.c.term)).first()
-        snapshot_index, snapshot_term = (int(row[0]), int(row[1])) if row else (0, 0)
+        row = conn.execute(
+            select(snapshot_table.c["index"], snapshot_table.c.term, snapshot_table.c.image)
+        ).first()
+        snapshot_index, snapshot_term, image = (
+            (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+        )
         last, count, size = conn.execute(
-            select(func.max(_ENTRY_INDEX), func.count(), _ENTRY_SIZE)
+            select(func.max(ENTRY_INDEX), func.count(), ENTRY_SIZE)
         ).one()
         last_index = snapshot_index if last is None else int(last)
-        return _LogShape(snapshot_index, snapshot_term, last_index, int(count), int(size))
-
-    def _check_schema(self, conn: Connection) -> None:
-        """Create the tables in a database holding none of them, else verify their layout."""
-        inspector = inspect(conn)
-        present = set(inspector.get_table_names()) & set(metadata.tables)
-        if not present:
-            metadata.create_all(conn)
-            conn.execute(insert(meta_table).values(key="schema_version", value=str(SCHEMA_VERSION)))
-            conn.execute(insert(hard_state_table).values(id=1, term=0, vote=None, commit_index=0))
-            log.info("storage_created", where=self._where, schema_version=SCHEMA_VERSION)
-            return
-        if meta_table.name not in present:
-            raise StorageError(
-                f"{self._where}: tables {sorted(present)} exist but no schema version: "
-                "not a bwraft log, or a damaged one"
-            )
-        version = conn.scalar(
-            select(meta_table.c.value).where(meta_table.c.key == "schema_version")
-        )
-        if version != str(SCHEMA_VERSION):
-            raise StorageError(
-                f"{self._where}: log layout version {version!r} is not supported "
-                f"(this bwraft reads version {SCHEMA_VERSION})"
-            )
-        missing = set(metadata.tables) - present
-        if missing:
-            raise StorageError(f"{self._where}: tables {sorted(missing)} are missing")
-        for table in metadata.sorted_tables:
-            found = {column["name"] for column in inspector.get_columns(table.name)}
-            expected = set(table.columns.keys())
-            if found != expected:
-                raise StorageError(
-                    f"{self._where}: table {table.name} has columns {sorted(found)}, "
-                    f"expected {sorted(expected)}"
-                )
-
-    def _decode(
-        self, hard_rows: list[Any], snapshot_rows: list[Any], entry_rows: list[Any]
-    ) -> PersistedState:
-        """Turn rows into kernel values, refusing anything a correct writer cannot produce."""
-        where = self._where
-        if len(hard_rows) != 1:
-            raise StorageError(f"{where}: table hard_state has {len(hard_rows)} rows, expected 1")
-        hard = hard_rows[0]
-        hard_state = HardState(term=int(hard.term), vote=hard.vote, commit=int(hard.commit_index))
-        snapshot = None
-        if snapshot_rows:
-            row = snapshot_rows[0]
-            conf = ConfState(
-                voters=_decode_ids(row.voters, f"{where}: snapshot voters"),
-                learners=_decode_ids(row.learners, f"{where}: snapshot learners"),
-            )
-            snapshot = Snapshot(SnapshotMeta(int(row.index), int(row.term), conf), bytes(row.data))
-        entries: list[Entry] = []
-        expected_index = (snapshot.meta.index if snapshot else 0) + 1
-        for row in entry_rows:
-            if row.index != expected_index:
-                raise StorageError(
-                    f"{where}: the log jumps to entry {row.index} where {expected_index} belongs"
-                )
-            try:
-                entry_type = EntryType(row.type)
-            except ValueError:
-                raise StorageError(
-                    f"{where}: entry {row.index} has unknown type {row.type!r}"
-                ) from None
-            entries.append(Entry(int(row.term), int(row.index), bytes(row.data), entry_type))
-            expected_index += 1
-        return PersistedState(hard_state=hard_state, snapshot=snapshot, entries=entries)
+        return _LogShape(snapshot_index, snapshot_term, last_index, int(count), int(size), image)
 
 
 class SqlStoragePlugin:
@@ -510,72 +565,3 @@ def _check_contiguous(entries: Sequence[Entry]) -> None:
     for before, after in zip(entries, entries[1:]):
         if after.index != before.index + 1:
             raise ValueError(f"entries are not contiguous: {before.index} then {after.index}")
-
-
-def _decode_ids(text: str, what: str) -> frozenset[str]:
-    try:
-        ids = json.loads(text)
-    except ValueError:
-        ids = None
-    if not isinstance(ids, list) or not all(isinstance(node, str) for node in ids):
-        raise StorageError(f"{what}: {text!r} is not a JSON list of node ids")
-    return frozenset(ids)
-
-
-def _describe(url: URL) -> str:
-    if url.get_backend_name() == "sqlite":
-        return url.database if url.database not in (None, "", ":memory:") else "sqlite (in memory)"
-    return url.render_as_string(hide_password=True)
-
-
-def _reason(exc: SQLAlchemyError) -> str:
-    """The driver's own message, without SQLAlchemy's statement dump."""
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return str(exc.orig).strip()
-    return str(exc)
-
-
-def _create_engine(url: URL) -> Engine:
-    if url.get_backend_name() != "sqlite":
-        engine = create_engine(url, pool_size=2, max_overflow=2, pool_pre_ping=True)
-        event.listen(engine, "connect", _postgres_on_connect)
-        return engine
-    # One writer thread plus the thread that loads or reads stats: connections cross threads.
-    options: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
-    if url.database in (None, "", ":memory:"):
-        options["poolclass"] = StaticPool  # every connection would otherwise be a new database
-    else:
-        options.update(pool_size=2, max_overflow=2)
-    engine = create_engine(url, **options)
-    event.listen(engine, "connect", _sqlite_on_connect)
-    event.listen(engine, "begin", _sqlite_begin)
-    return engine
-
-
-def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
-    # The sqlite3 module would BEGIN only before INSERT/UPDATE/DELETE, leaving our reads and
-    # CREATE TABLEs outside the transaction; SQLAlchemy emits BEGIN instead (_sqlite_begin).
-    dbapi_connection.isolation_level = None
-    cursor = dbapi_connection.cursor()
-    try:
-        # WAL + FULL: every commit fsyncs the WAL before returning (Raft §5.1: persist
-        # before responding).
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
-    finally:
-        cursor.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    conn.exec_driver_sql("BEGIN")
-
-
-def _postgres_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
-    # A server may default to synchronous_commit=off, which acknowledges commits before they
-    # are flushed; Raft needs them durable before the votes and acks that depend on them.
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("SET SESSION synchronous_commit TO on")
-    finally:
-        cursor.close()
-    dbapi_connection.commit()

@@ -207,8 +207,12 @@ def test_calls_breaking_the_log_are_refused(storage: SqlStorage, call) -> None:
 
 DAMAGE: dict[str, tuple[list[str], str]] = {
     "unknown schema version": (
-        ["UPDATE meta SET value = '2' WHERE key = 'schema_version'"],
-        r"layout version '2' is not supported \(this bwraft reads version 1\)",
+        ["UPDATE meta SET value = '3' WHERE key = 'schema_version'"],
+        r"layout version '3' is not supported \(this bwraft reads version 2\)",
+    ),
+    "the layout before snapshot images": (
+        ["UPDATE meta SET value = '1' WHERE key = 'schema_version'"],
+        r"layout version '1' is not supported \(this bwraft reads version 2\)",
     ),
     "no schema version": (["DROP TABLE meta"], "no schema version"),
     "wrong columns": (
