@@ -14,7 +14,6 @@ every write acknowledged before the read began (invariant 7).
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import pytest
