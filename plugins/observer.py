@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 
 from bwcore.errors import Unavailable
 from bwcore.hookspecs import hookimpl
-from bwcore.kernel import MessageType
+from bwcore.kernel import MessageType, StateRole
 
 __all__ = ["ObserverMetrics", "ObserverPlugin", "ObserverService", "ReadBatcher", "ROLE"]
 
@@ -356,9 +356,21 @@ class ObserverPlugin:
         # A ReadIndex round's heartbeats (those with a context) confirm leadership only
         # through the acknowledgements of voters (dissertation §6.4); an observer's would not
         # count, so it is not asked. Its regular heartbeats (empty context) still go.
-        if self.fed:
+        kernel = node.kernel
+        if self.fed and kernel is not None and kernel.role is StateRole.LEADER:
             messages[:] = [m for m in messages if not (
                 m.type is MessageType.HEARTBEAT and m.context and m.to in self.fed)]
+
+    @hookimpl
+    def bwraft_status(self, node: Any) -> dict[str, Any] | None:
+        if self.service is not None and node is self.service.node:
+            reads = self.service.reads
+            return {"observer": {"reads_queued": reads.queued, "reads_in_flight":
+                                 reads.in_flight, "max_wait_ms": round(self.max_wait * 1000),
+                                 "max_lag_entries": self.max_lag}}
+        if node.config.is_voter and self.feed_observers:
+            return {"observers_fed": sorted(self.fed)}
+        return None
 
     @hookimpl
     def bwraft_member_event(self, node: Any, event: str, member: Any) -> None:

@@ -186,6 +186,17 @@ def test_a_new_leader_fails_reads_in_flight_quickly() -> None:
         resolved(d)
 
 
+def test_status_shows_the_reads_waiting_and_the_bounds() -> None:
+    h, _ = observer(max_wait_ms=700, max_lag_entries=9)
+    follow_leader(h)
+    reads = [read(h) for _ in range(3)]
+    h.settle()
+    late = read(h)
+    assert h.node.status()["observer"] == {"reads_queued": 1, "reads_in_flight": 3,
+                                           "max_wait_ms": 700, "max_lag_entries": 9}
+    assert not late.called and not any(d.called for d in reads)
+
+
 def test_stopping_the_observer_fails_waiting_reads() -> None:
     h, plugin = observer()
     follow_leader(h)
@@ -259,6 +270,8 @@ def test_the_leader_feeds_observers_gossip_announces_and_drops_dead_ones() -> No
     h.node.member_event("joined", Member("obs1"))
     h.node.member_event("left", Member("obs1"))
     assert h.node.kernel.helpers == frozenset() and plugin.fed == {}
+    h.node.member_event("joined", Member("obs2"))
+    assert h.node.status()["observers_fed"] == ["obs2"]
 
 
 def test_a_restarted_observer_is_probed_afresh() -> None:
