@@ -32,6 +32,7 @@ from twisted.python.threadpool import ThreadPool
 
 from bwcore.config import Address, NodeConfig, parse_address
 from bwcore.errors import ConfigError, NotLeader, Unavailable
+from bwcore.hookspecs import SnapshotsOffReactor
 from bwcore.kernel import (
     ConfChange,
     ConfState,
@@ -45,12 +46,14 @@ from bwcore.kernel import (
     Ready,
     ReadState,
     Snapshot,
+    SnapshotMeta,
     SoftState,
     StateRole,
 )
 from bwcore.logs import get_logger
 from bwcore.metrics import NodeMetrics
 from bwcore.plugins import PluginHost
+from bwcore.storage import SnapshotStaging
 
 __all__ = ["RaftNode", "StorageWriter", "ThreadedWriter"]
 
@@ -125,6 +128,10 @@ class RaftNode(MultiService):
             :class:`bwcore.transport.PeerTransport`); the transport must offer ``listen``,
             ``set_peer``, ``remove_peer``, ``send`` and ``stop``.
         writer: Where storage calls run (default: a :class:`ThreadedWriter`).
+        snapshot_worker: Where snapshot work runs off the reactor: serializing a snapshot,
+            staging its image, decoding one to install (default: a :class:`ThreadedWriter` of
+            its own; when only ``writer`` is given, ``writer`` — a test's inline writer then
+            runs everything it is given).
         registry: Prometheus registry for the node's metrics (default: a new one).
         timer: Monotonic seconds for measurements only (latency histograms).
         on_fatal: Called with a reason when the node halts (storage failure, a state machine
@@ -135,6 +142,7 @@ class RaftNode(MultiService):
                  rng: random.Random | None = None,
                  transport_factory: Callable[[RaftNode], Any] | None = None,
                  writer: StorageWriter | None = None,
+                 snapshot_worker: StorageWriter | None = None,
                  registry: CollectorRegistry | None = None,
                  timer: Callable[[], float] = time.perf_counter,
                  on_fatal: Callable[[str], None] | None = None) -> None:
@@ -164,6 +172,10 @@ class RaftNode(MultiService):
         self._transport_factory = transport_factory or _default_transport
         self._writer = writer if writer is not None else ThreadedWriter(
             reactor, name=f"bwraft-writer-{config.id}")
+        if snapshot_worker is None:
+            snapshot_worker = writer if writer is not None else ThreadedWriter(
+                reactor, name=f"bwraft-snapshot-{config.id}")
+        self._snapshot_worker = snapshot_worker
         self._timer = timer
         self._on_fatal = on_fatal
         self._api_urls: dict[str, str] = {
@@ -205,11 +217,14 @@ class RaftNode(MultiService):
         self._reads_in_flight: dict[bytes, list[Deferred[int]]] = {}
         self._reads_waiting: list[tuple[int, int, list[Deferred[int]]]] = []
         self._read_max_lag: dict[Deferred[int], int] = {}  # read_barrier(max_lag=...)
-        # Compaction: what applied since the last snapshot, and a snapshot being stored.
+        # Compaction: what applied since the last snapshot, a snapshot being taken (from
+        # snapshot_begin to the end of Storage.compact), one stored for the kernel to compact
+        # to, and a leader's snapshot being decoded before it is installed.
         self._log_entries = 0
         self._log_bytes = 0
         self._snapshotting = False
         self._compacted: Snapshot | None = None
+        self._installing = False
         self._leader: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -238,6 +253,8 @@ class RaftNode(MultiService):
         config, hook = self.config, self.host.hook
         self.host.check_pending()
         self._writer.start()
+        if self._snapshot_worker is not self._writer:
+            self._snapshot_worker.start()
         self.storage = hook.bwraft_open_storage(config=config)
         if self.storage is None:
             raise ConfigError(f"{config.source or '<config>'}: no plugin provides storage"
@@ -252,7 +269,10 @@ class RaftNode(MultiService):
                               " machine (is kv installed?)")
         if state.snapshot is not None:
             # The kernel hands out only entries after the snapshot: restore the image first.
-            self.state_machine.restore(state.snapshot.data)
+            install = await self._prepare_restore(state.snapshot.data)
+            if self._stopping:
+                raise Unavailable("node stopped while starting")
+            install()
         kernel_config = KernelConfig(
             id=config.id, election_tick=config.election_ticks,
             heartbeat_tick=config.heartbeat_ticks, pre_vote=True, check_quorum=True,
@@ -333,6 +353,8 @@ class RaftNode(MultiService):
                 await self._writer.run(self.storage.save, unsaved, (), None)
             await self._writer.run(self.storage.close)
         self._writer.stop()
+        if self._snapshot_worker is not self._writer:
+            self._snapshot_worker.stop()
         self._stopped = True
         self.log.info("node_stopped")
 
@@ -682,11 +704,12 @@ class RaftNode(MultiService):
         kernel = self.kernel
         if not self._driving or kernel is None:
             return
-        if self._saving:
-            # A Ready is being saved. Proposals of this turn still join the log now, and the
-            # messages that depend on nothing unsaved leave at once — a leader's appends, so
-            # that followers fsync while we do (dissertation §10.2.1); responses wait for the
-            # next Ready. Our own copy is counted toward commit only once saved.
+        if self._saving or self._installing:
+            # A Ready is being saved (or its snapshot decoded). Proposals of this turn still
+            # join the log now, and the messages that depend on nothing unsaved leave at once
+            # — a leader's appends, so that followers fsync while we do (dissertation
+            # §10.2.1); responses wait for the next Ready. Our own copy is counted toward
+            # commit only once saved.
             if self._pending:
                 self._propose_pending(kernel)
             self._send(kernel.take_messages())
@@ -803,12 +826,45 @@ class RaftNode(MultiService):
         self._halt(f"storage save failed: {type(failure.value).__name__}: {failure.value}")
 
     def _finish_ready(self, rd: Ready, started: float) -> None:
+        self._send(rd.persisted_messages)
+        if rd.snapshot is None:
+            self._complete_ready(rd, started)
+            return
+        if not self._driving:
+            return  # stopping: the stored snapshot is restored at the next start
+        # A leader's snapshot, now durable (Raft §7): decode it off the reactor, then swap it
+        # into the state machine and go on with this Ready. Until then no new Ready starts.
+        self._installing = True
+        d = self._prepare_restore(rd.snapshot.data)
+        d.addCallbacks(self._restore_prepared, self._restore_failed, callbackArgs=(rd,),
+                       errbackArgs=(rd.snapshot,))
+
+    def _restore_prepared(self, install: Callable[[], None], rd: Ready) -> None:
+        self._installing = False
+        self._notify_idle()
+        if self._halted or not self._driving:
+            return  # stopping: the stored snapshot is restored at the next start
+        started = self._timer()
+        try:
+            install()
+        except Exception as exc:
+            self._restore_failed(Failure(exc), rd.snapshot)
+            return
+        self._complete_ready(rd, started)
+
+    def _restore_failed(self, failure: Failure, snapshot: Snapshot) -> None:
+        self._installing = False
+        self._notify_idle()
+        # The snapshot is durable and the log before it gone: this replica cannot go on.
+        self._halt(f"snapshot at index {snapshot.meta.index} cannot be restored:"
+                   f" {type(failure.value).__name__}: {failure.value}")
+
+    def _complete_ready(self, rd: Ready, started: float) -> None:
         kernel = self.kernel
         assert kernel is not None
-        self._send(rd.persisted_messages)
         resolved: list[tuple[Deferred[Any], Any]] = []
         if rd.snapshot is not None:
-            self._install_snapshot(rd.snapshot, resolved)
+            self._snapshot_installed(rd.snapshot, resolved)
         committed = rd.committed_entries
         if self._applied_early:  # the prefix _apply_durable_prefix applied during the save
             committed = committed[self._applied_early - committed[0].index + 1:]
@@ -865,9 +921,16 @@ class RaftNode(MultiService):
         self._call_hook("bwraft_role_changed", node=self, role=soft.role, term=kernel.term,
                         leader=soft.leader)
 
-    def _install_snapshot(self, snapshot: Snapshot,
-                          resolved: list[tuple[Deferred[Any], Any]]) -> None:
-        self.state_machine.restore(snapshot.data)
+    def _prepare_restore(self, data: bytes) -> Deferred[Callable[[], None]]:
+        """Decode a snapshot image off the reactor if the state machine can (see
+        :class:`bwcore.hookspecs.SnapshotsOffReactor`); the result swaps it in."""
+        machine = self.state_machine
+        if isinstance(machine, SnapshotsOffReactor):
+            return self._snapshot_worker.run(machine.restore_prepare, data)
+        return defer.succeed(lambda: machine.restore(data))
+
+    def _snapshot_installed(self, snapshot: Snapshot,
+                            resolved: list[tuple[Deferred[Any], Any]]) -> None:
         self.metrics.snapshots_installed.inc()
         self._log_entries = self._log_bytes = 0
         for index in [i for i in self._proposals if i <= snapshot.meta.index]:
@@ -958,29 +1021,78 @@ class RaftNode(MultiService):
     # -- compaction (Raft §7) --------------------------------------------------------------------
 
     def _maybe_snapshot(self, applied: int) -> None:
-        if self._snapshotting or self._halted or self._log_entries == 0:
+        """Take a snapshot at ``applied`` if the policy asks, without stalling the reactor.
+
+        In order: the state machine freezes its state (``snapshot_begin``, on the reactor,
+        cheap); a worker thread serializes it and stages the image in storage (apart from the
+        log writer, if the storage can); the writer thread's ``Storage.compact`` records it
+        and drops the log prefix in one short transaction; only then does the kernel drop the
+        prefix (``_apply_compaction``). Entries go on being applied and saved meanwhile; a
+        crash anywhere leaves the old snapshot with the whole log, or the new one with the
+        log after it (Raft §7).
+        """
+        if self._snapshotting or not self._driving or self._log_entries == 0:
             return
         wanted = self._call_hook("bwraft_should_snapshot", node=self, applied_index=applied,
                                  log_entries=self._log_entries, log_bytes=self._log_bytes)
         if not wanted:
             return
         assert self.kernel is not None
-        snapshot = self.kernel.create_snapshot(applied, self.state_machine.snapshot())
+        began = self._timer()
+        meta = self.kernel.create_snapshot(applied, b"").meta
+        machine = self.state_machine
+        try:
+            if isinstance(machine, SnapshotsOffReactor):
+                serialize = machine.snapshot_begin()
+            else:  # all of it on the reactor: the state machine offers no other way
+                serialize = _returning(machine.snapshot())
+        except Exception:
+            # The log stays as long as it is; the policy asks again after the next batch.
+            self.log.exception("snapshot_failed", index=applied)
+            return
+        frozen = self._timer() - began
         self._snapshotting = True
         self._log_entries = self._log_bytes = 0
-        d = self._writer.run(self.storage.compact, snapshot)
-        d.addCallbacks(self._snapshot_stored, self._snapshot_failed, callbackArgs=(snapshot,))
+        d = self._snapshot_worker.run(self._build_snapshot, meta, serialize)
+        d.addCallback(self._store_snapshot)
+        d.addCallbacks(self._snapshot_stored, self._snapshot_failed, callbackArgs=(frozen,))
 
-    def _snapshot_stored(self, _: None, snapshot: Snapshot) -> None:
+    def _build_snapshot(self, meta: SnapshotMeta, serialize: Callable[[], bytes]
+                        ) -> tuple[Snapshot, float, float]:
+        """Runs on the snapshot worker: serialize, then stage the image if storage can."""
+        began = time.perf_counter()
+        snapshot = Snapshot(meta, serialize())
+        serialized = time.perf_counter()
+        if isinstance(self.storage, SnapshotStaging):
+            self.storage.stage_snapshot(snapshot)
+        return snapshot, serialized - began, time.perf_counter() - serialized
+
+    def _store_snapshot(self, built: tuple[Snapshot, float, float]
+                        ) -> Deferred[tuple[Snapshot, float, float, float]]:
+        if self._halted:
+            raise Unavailable(f"node halted: {self._halted}")
+        snapshot = built[0]
+        began = self._timer()
+        d = self._writer.run(self.storage.compact, snapshot)
+        d.addCallback(lambda _: (*built, self._timer() - began))
+        return d
+
+    def _snapshot_stored(self, stored: tuple[Snapshot, float, float, float],
+                         frozen: float) -> None:
+        snapshot, serialized, staged, compacted = stored
         self._snapshotting = False
+        self._notify_idle()
         self._compacted = snapshot
         self.metrics.snapshots.inc()
         self.log.info("snapshot_taken", index=snapshot.meta.index, term=snapshot.meta.term,
-                      bytes=len(snapshot.data))
+                      bytes=len(snapshot.data), freeze_ms=round(frozen * 1000, 1),
+                      serialize_ms=round(serialized * 1000, 1), stage_ms=round(staged * 1000, 1),
+                      compact_ms=round(compacted * 1000, 1))
         self._schedule_ready()
 
     def _snapshot_failed(self, failure: Failure) -> None:
         self._snapshotting = False
+        self._notify_idle()
         # The log is intact, only longer than wanted; a failing disk shows in the next save.
         self.log.error("snapshot_failed", error=f"{type(failure.value).__name__}:"
                                                 f" {failure.value}")
@@ -1081,13 +1193,19 @@ class RaftNode(MultiService):
         self._fail_reads_in_flight(error)
 
     def _wait_idle(self) -> Deferred[None]:
-        if not self._saving:
+        """Fires once no save, snapshot or snapshot install is in flight on another thread."""
+        if not self._busy():
             return defer.succeed(None)
         d: Deferred[None] = Deferred()
         self._idle_waiters.append(d)
         return d
 
+    def _busy(self) -> bool:
+        return self._saving or self._snapshotting or self._installing
+
     def _notify_idle(self) -> None:
+        if self._busy():
+            return
         waiters, self._idle_waiters = self._idle_waiters, []
         for d in waiters:
             d.callback(None)
@@ -1110,6 +1228,11 @@ class RaftNode(MultiService):
         except Exception:
             self.log.exception("plugin_hook_failed", hook=name)
             return None
+
+
+def _returning(image: bytes) -> Callable[[], bytes]:
+    """A serializer for an image already taken."""
+    return lambda: image
 
 
 def _advertised(host: str, port: int, fallback_host: str) -> Address:

@@ -120,9 +120,11 @@ class DictMachine:
 class Backend:
     """Test plugin: provides storage and state machine, optionally a snapshot policy."""
 
-    def __init__(self, storage: MemoryStorage, snapshot_every: int | None = None) -> None:
+    def __init__(self, storage: MemoryStorage, snapshot_every: int | None = None,
+                 machine_factory: Callable[[], DictMachine] = DictMachine) -> None:
         self.storage = storage
         self.snapshot_every = snapshot_every
+        self.machine_factory = machine_factory
         self.machines: list[DictMachine] = []
 
     @hookimpl
@@ -131,7 +133,7 @@ class Backend:
 
     @hookimpl
     def bwraft_create_state_machine(self, config: NodeConfig) -> DictMachine:
-        self.machines.append(DictMachine())
+        self.machines.append(self.machine_factory())
         return self.machines[-1]
 
     @hookimpl
@@ -265,10 +267,11 @@ def make_config(voters: tuple[str, ...] = ("n1",), **extra: Any) -> NodeConfig:
 def make_harness(voters: tuple[str, ...] = ("n1",), *, storage: MemoryStorage | None = None,
                  plugins: tuple[tuple[str, Any], ...] = (), snapshot_every: int | None = None,
                  on_fatal: Callable[[str], None] | None = None, start: bool = True,
-                 **extra: Any) -> Harness:
+                 machine_factory: Callable[[], DictMachine] = DictMachine,
+                 snapshot_worker: ManualWriter | None = None, **extra: Any) -> Harness:
     config = make_config(voters, **extra)
     host = PluginHost(config)
-    backend = Backend(storage or MemoryStorage(), snapshot_every)
+    backend = Backend(storage or MemoryStorage(), snapshot_every, machine_factory)
     host.register(backend, "backend")
     for name, plugin in plugins:
         host.register(plugin, name)
@@ -281,7 +284,8 @@ def make_harness(voters: tuple[str, ...] = ("n1",), *, storage: MemoryStorage | 
         return transports[-1]
 
     node = RaftNode(config, host, clock, rng=random.Random(7), writer=writer,
-                    transport_factory=transport_factory, on_fatal=on_fatal)
+                    snapshot_worker=snapshot_worker, transport_factory=transport_factory,
+                    on_fatal=on_fatal)
     harness = Harness(node, clock, backend.storage, backend, writer, transports)
     if start:
         node.startService()
