@@ -122,6 +122,8 @@ class Raft:
         self.msgs: list[Message] = []
         self.read_states: list[ReadState] = []
         self.read_rounds: OrderedDict[bytes, _ReadRound] = OrderedDict()
+        #: Read requests not yet sent out as a confirmation round (see flush_read_round).
+        self.open_reads: list[tuple[str, bytes]] = []
         self.pending_reads: list[tuple[str, bytes]] = []  # until the leader's no-op commits
         self.read_seq = 0
         self.role = StateRole.FOLLOWER
@@ -155,6 +157,7 @@ class Raft:
         self.votes = {}
         self.lead_transferee = None
         self.read_rounds.clear()
+        self.open_reads = []
         self.pending_reads.clear()
         self.prs = {}
 
@@ -475,8 +478,10 @@ class Raft:
                 self.send_append(p)
 
     def bcast_heartbeat(self, ctx: bytes) -> None:
+        # A read-confirmation round needs only voters: a helper's acknowledgement never counts.
+        voters = self.conf.voters
         for p, pr in self.prs.items():
-            if p != self.id:
+            if p != self.id and (not ctx or p in voters):
                 # Never tell a follower to commit past what it is known to hold.
                 self.send(Message(MT.HEARTBEAT, p, self.id, self.term,
                                   commit=min(pr.match, self.log.committed), context=ctx))
@@ -542,13 +547,23 @@ class Raft:
             # The commit index is only known to be current once this term's no-op committed.
             self.pending_reads.append((frm, ctx))
             return
-        index = self.log.committed
         if len(self.conf.voters) == 1 and self.id in self.conf.voters:
-            self._answer_read(frm, ctx, index)
+            self._answer_read(frm, ctx, self.log.committed)
+            return
+        # Requests arriving before the driver next takes messages share one round.
+        self.open_reads.append((frm, ctx))
+
+    def flush_read_round(self) -> None:
+        """Send the open read requests out as one confirmation round (called by RawNode when
+        the driver takes messages). The round's index is the commit index now, after every
+        request in it arrived, so each read covers every write acknowledged before it began."""
+        if not self.open_reads or self.role is not StateRole.LEADER:
+            self.open_reads = []
             return
         self.read_seq += 1
         round_id = b"r%d" % self.read_seq
-        self.read_rounds[round_id] = _ReadRound(index, [(frm, ctx)], {self.id})
+        self.read_rounds[round_id] = _ReadRound(self.log.committed, self.open_reads, {self.id})
+        self.open_reads = []
         self.bcast_heartbeat(round_id)
 
     def _read_ack(self, frm: str, round_id: bytes) -> None:

@@ -153,7 +153,7 @@ class RawNode:
         log = r.log
         prev_hard, prev_soft = self._prev_hard, self._prev_soft
         return bool(
-            r.msgs or r.read_states
+            r.msgs or r.read_states or r.open_reads
             or log.stable < log.last_index() or log.pending_snapshot is not None
             or log.has_next_committed()
             or r.term != prev_hard.term or r.vote != prev_hard.vote
@@ -165,6 +165,7 @@ class RawNode:
         if self._outstanding is not None:
             raise RuntimeError("advance() the previous Ready first")
         r = self._raft
+        r.flush_read_round()
         soft, hard = self._soft(), r.hard_state()
         now: list[Message] = []
         later: list[Message] = []
@@ -195,6 +196,7 @@ class RawNode:
         stay in the kernel for the next Ready.
         """
         r = self._raft
+        r.flush_read_round()
         now = [m for m in r.msgs if m.type not in RESPONSES_AFTER_PERSIST]
         if now:
             r.msgs = [m for m in r.msgs if m.type in RESPONSES_AFTER_PERSIST]

@@ -199,3 +199,26 @@ def test_learner_never_campaigns_but_votes_once_promoted():
     run(net, 3)
     assert net.nodes[lead].raw.conf.voters == frozenset("abcd")
     assert net.nodes["d"].raw.conf.voters == frozenset("abcd")
+
+
+def test_reads_of_one_turn_share_a_round_that_covers_writes_acknowledged_meanwhile():
+    """Reads requested before the driver next takes messages are confirmed by one heartbeat
+    round, sent to voters only; its read index is the commit index when the round leaves, so a
+    write acknowledged between two of those reads is covered by both."""
+    raw = new_node()
+    raw.add_helper("o1")
+    make_leader(raw)
+    raw.step(_resp(raw, "b", raw.last_index))
+    drain(raw)
+    raw.read_index(b"r1")
+    index = raw.propose(b"w")
+    raw.step(_resp(raw, "b", index))  # b and c hold it (our own copy is not saved yet):
+    raw.step(_resp(raw, "c", index))  # the write commits, and could be acknowledged, now
+    assert raw.commit_index == index
+    raw.read_index(b"r2")
+    beats = [m for m in of_type(drain(raw), MT.HEARTBEAT) if m.context]
+    assert sorted(m.to for m in beats) == ["b", "c"]  # one round, voters only
+    assert len({m.context for m in beats}) == 1
+    raw.step(_hb_resp(raw, "c", beats[0].context))
+    rd = raw.ready()
+    assert [(rs.context, rs.index) for rs in rd.read_states] == [(b"r1", index), (b"r2", index)]
