@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 
 from bwcore.hookspecs import hookimpl
-from bwraft_plugins.kv_snapshot import decode_image, encode_image
+from bwraft_plugins.kv_snapshot import decode_image, encode_image, yield_gil
 
 __all__ = ["KVPlugin", "KVStateMachine", "encode_command", "OPS"]
 
@@ -303,13 +303,17 @@ class KVStateMachine:
         Called on the reactor thread, in O(1) (O(keys) only if the previous serializer has not
         finished yet: the new snapshot then needs a frozen dict of its own). The serializer
         may run on any thread, once, while ``apply`` goes on: it reads only what was frozen
-        here, packing it a few thousand keys per msgpack call (:mod:`bwraft_plugins.kv_snapshot`)
-        so that it never holds the GIL for long.
+        here, packing it a few thousand keys per msgpack call and handing the GIL over
+        between two (:mod:`bwraft_plugins.kv_snapshot`), so that it never keeps the reactor
+        waiting for long.
 
         Returns:
             A callable returning the image: data, the exactly-once table and
             ``applied_index``, exactly as :meth:`snapshot` would have returned it now.
         """
+        return self._freeze_state(pause=yield_gil)
+
+    def _freeze_state(self, pause: Callable[[], None] | None) -> Callable[[], bytes]:
         self._settle()
         if self._freeze is not None:
             self._merge_overlay_into(dict(self._data))
@@ -320,7 +324,7 @@ class KVStateMachine:
 
         def serialize() -> bytes:
             try:
-                return encode_image(applied_index, data, requests[start:end])
+                return encode_image(applied_index, data, requests[start:end], pause=pause)
             finally:
                 freeze.done = True
 
@@ -328,7 +332,7 @@ class KVStateMachine:
 
     def snapshot(self) -> bytes:
         """Serialize the whole state: data, the exactly-once table and ``applied_index``."""
-        image = self.snapshot_begin()()
+        image = self._freeze_state(pause=None)()
         self._settle()
         return image
 
@@ -343,7 +347,10 @@ class KVStateMachine:
         Raises:
             ValueError: ``data`` is not a valid snapshot (nothing changes).
         """
-        applied_index, kv, pairs = decode_image(data)
+        return self._prepare(data, pause=yield_gil)
+
+    def _prepare(self, data: bytes, pause: Callable[[], None] | None) -> Callable[[], None]:
+        applied_index, kv, pairs = decode_image(data, pause=pause)
         results = dict(pairs)
         if len(results) != len(pairs):
             raise ValueError("invalid KV snapshot: a request id appears twice")
@@ -369,7 +376,7 @@ class KVStateMachine:
         Raises:
             ValueError: ``data`` is not a valid snapshot.
         """
-        self.restore_prepare(data)()
+        self._prepare(data, pause=None)()
 
 
 def _decode(data: bytes) -> Any:

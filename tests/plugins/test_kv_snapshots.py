@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bwcore.hookspecs import SnapshotsOffReactor
-from bwraft_plugins import kv_snapshot
+from bwraft_plugins import kv, kv_snapshot
 from bwraft_plugins.kv import KVStateMachine, encode_command
 from bwraft_plugins.kv_snapshot import decode_image, encode_image
 
@@ -214,6 +214,23 @@ def test_encoding_packs_no_more_than_a_chunk_per_msgpack_call(monkeypatch) -> No
     data = {f"k{i}": "v" for i in range(10_000)}
     encode_image(1, data, [(f"r{i}", {"index": i}) for i in range(5_000)], chunk_items=1000)
     assert max(sizes) == 1000 and sum(sizes) >= 15_000
+
+
+def test_work_on_a_worker_thread_hands_the_gil_over_between_pieces(monkeypatch) -> None:
+    """The serializer from snapshot_begin and restore_prepare pause every CHUNK_ITEMS
+    entries; snapshot() and restore(), which run on the caller's thread, never do."""
+    pauses: list[int] = []
+    monkeypatch.setattr(kv, "yield_gil", lambda: pauses.append(1))
+    sm = KVStateMachine()
+    apply_all(sm, [put(f"k{i}", "v") for i in range(3 * kv_snapshot.CHUNK_ITEMS + 5)])
+    image = sm.snapshot()
+    sm.restore(image)
+    assert pauses == []
+    assert sm.snapshot_begin()() == image
+    assert len(pauses) == 4  # three full pieces and the rest
+    sm.restore_prepare(image)()
+    assert len(pauses) == 4 + 3
+    assert sm.snapshot() == image
 
 
 @pytest.mark.parametrize("image", [
