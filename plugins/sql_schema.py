@@ -44,7 +44,7 @@ from bwcore.kernel import ConfState, Entry, EntryType, HardState, Snapshot, Snap
 from bwcore.storage import PersistedState, StorageError
 
 __all__ = [
-    "ENTRY_INDEX", "ENTRY_SIZE", "SCHEMA_VERSION", "check_schema", "create_engine_for",
+    "ENTRY_INDEX", "ENTRY_SIZE", "IMAGE_PART_BYTES", "SCHEMA_VERSION", "check_schema", "create_engine_for",
     "decode_ids", "decode_state", "describe", "entries_table", "hard_state_table", "images_table",
     "meta_table", "metadata", "reason", "snapshot_table",
 ]
@@ -100,9 +100,14 @@ snapshot_table = Table(
 images_table = Table(
     "snapshot_images",
     metadata,
+    # An image in parts of IMAGE_PART_BYTES: the driver escapes each part in one call that
+    # holds the GIL, so parts keep every such call short.
     Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("part", Integer, primary_key=True, autoincrement=False),
     Column("data", LargeBinary, nullable=False),
 )
+#: Bytes per ``snapshot_images`` row.
+IMAGE_PART_BYTES = 1 << 20
 
 ENTRY_INDEX = entries_table.c["index"]
 ENTRY_SIZE = func.coalesce(func.sum(func.length(entries_table.c.data)), 0)

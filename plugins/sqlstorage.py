@@ -44,6 +44,7 @@ from bwraft_plugins.snapshot_files import ImageFiles
 from bwraft_plugins.sql_schema import (
     ENTRY_INDEX,
     ENTRY_SIZE,
+    IMAGE_PART_BYTES,
     SCHEMA_VERSION,
     check_schema,
     decode_state,
@@ -334,7 +335,7 @@ class SqlStorage:
             named = conn.scalar(select(snapshot_table.c.image))
             keep = {int(named)} if named is not None else set()
             if self._files is None:
-                present = {int(i) for i in conn.scalars(select(images_table.c.id))}
+                present = {int(i) for i in conn.scalars(select(images_table.c.id).distinct())}
                 for orphan in present - keep:
                     conn.execute(delete(images_table).where(images_table.c.id == orphan))
             else:
@@ -377,7 +378,10 @@ class SqlStorage:
 
     def _insert_image(self, image_id: int, data: bytes) -> None:
         with self._transaction("store a snapshot image") as conn:
-            conn.execute(insert(images_table).values(id=image_id, data=data))
+            # One statement per part (not one multi-row INSERT): the GIL is free in between.
+            for part, offset in enumerate(range(0, max(len(data), 1), IMAGE_PART_BYTES)):
+                piece = data[offset:offset + IMAGE_PART_BYTES]
+                conn.execute(insert(images_table).values(id=image_id, part=part, data=piece))
 
     def _claim_image(self, snapshot: Snapshot) -> tuple[int, int, int]:
         """The (id, size, CRC-32) of a durable image of ``snapshot``: the one staged for this
@@ -418,11 +422,19 @@ class SqlStorage:
                 raise StorageError(f"{self._where}: cannot read snapshot image {name}:"
                                    f" {exc}") from exc
         else:
-            name = f"{images_table.name} row {image_id}"
-            found = conn.scalar(select(images_table.c.data).where(images_table.c.id == image_id))
-            if found is None:
+            name = f"{images_table.name} id {image_id}"
+            parts = conn.execute(select(images_table.c.part, images_table.c.data)
+                                 .where(images_table.c.id == image_id)
+                                 .order_by(images_table.c.part))
+            pieces = []
+            for expected, (part, piece) in enumerate(parts):
+                if part != expected:
+                    raise StorageError(f"{self._where}: snapshot image {name} is corrupt:"
+                                       f" part {expected} is missing")
+                pieces.append(bytes(piece))
+            if not pieces:
                 raise StorageError(f"{self._where}: snapshot image {name} is missing")
-            data = bytes(found)
+            data = b"".join(pieces)
         actual_crc = zlib.crc32(data)
         if len(data) != size or actual_crc != crc:
             raise StorageError(
