@@ -2,18 +2,27 @@
 
 Part 1, for each key count (default 100,000 and 1,000,000 keys of ~30-byte values):
 
-- take: ``KVStateMachine.snapshot()`` (runs on the reactor thread in a node);
-- store: ``SqlStorage.compact`` of the image into SQLite (the node's writer thread);
+- take: ``KVStateMachine.snapshot_begin()`` (``freeze``, on the reactor thread in a node) and
+  the serializer it returns (``serialize``, on the node's snapshot worker thread);
+- store: ``SqlStorage.stage_snapshot`` (``stage``: the image file, on the snapshot worker)
+  and ``SqlStorage.compact`` (``compact``: metadata and prefix deletion, on the writer thread);
 - stream: the image through the compaction plugin's sender and receiver (chunks, CRC-32,
   acknowledgements), in memory, without a network;
-- install: ``SqlStorage.save`` of the received snapshot plus ``KVStateMachine.restore``.
+- install: ``SqlStorage.save`` of the received snapshot (``install_save``, writer thread),
+  ``KVStateMachine.restore_prepare`` (``install_decode``, snapshot worker) and the install
+  step it returns (``install_swap``, reactor).
+
+For the two worker-thread steps it also reports ``*_main_gap_ms``: the longest the main thread
+waited for the GIL (a 1 ms sleep loop) while the step ran on another thread — what the
+reactor would feel.
 
 Part 2, the write-throughput dip: one single-voter node on the real reactor with SQLite
 storage and the KV state machine preloaded with ``--dip-keys`` keys, kept busy by
 ``--inflight`` concurrent proposals for ``--seconds``; the compaction plugin snapshots every
 ``--every`` entries (50,000). Throughput is counted per 100 ms window; the report compares
-windows that overlap a snapshot (from serialization to the end of its storage) with those that
-do not, and gives the longest reactor stall.
+windows that overlap a snapshot (from ``snapshot_begin`` to the end of ``Storage.compact``)
+with those that do not, and gives the longest reactor stall (a 10 ms LoopingCall), overall
+and inside snapshot windows.
 
     python contrib/bench/snapshot_bench.py                 # both parts, the figures above
     python contrib/bench/snapshot_bench.py --keys 100000 --dip-keys 100000 --seconds 10
@@ -29,6 +38,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -112,11 +122,39 @@ def stream_in_memory(snapshot: Snapshot, chunk_bytes: int) -> tuple[float, bytes
     return elapsed, message.snapshot.data
 
 
+def on_worker(fn: Any, *args: Any) -> tuple[Any, float, float]:
+    """Run ``fn`` on another thread; return its result, its duration and the longest the
+    main thread (sleeping 1 ms at a time, like an idle reactor) was kept from running."""
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    began = time.perf_counter()
+    worker.start()
+    gap, last = 0.0, time.perf_counter()
+    while worker.is_alive():
+        time.sleep(0.001)
+        now = time.perf_counter()
+        gap, last = max(gap, now - last), now
+    worker.join()
+    return out[0], time.perf_counter() - began, gap
+
+
+def on_main(fn: Any, *args: Any) -> tuple[Any, float, float]:
+    """Run ``fn`` here (as a node without worker threads would, on its reactor): the main
+    thread is kept from running for all of it."""
+    began = time.perf_counter()
+    result = fn(*args)
+    elapsed = time.perf_counter() - began
+    return result, elapsed, elapsed
+
+
 def part_one(keys: int, chunk_bytes: int) -> dict[str, Any]:
     sm = machine_with(keys)
     began = time.perf_counter()
-    data = sm.snapshot()
-    take = time.perf_counter() - began
+    # Before snapshot_begin existed the node serialized on the reactor: measured that way.
+    off_reactor = hasattr(sm, "snapshot_begin")
+    serialize = sm.snapshot_begin() if off_reactor else sm.snapshot
+    freeze = time.perf_counter() - began
+    data, serialized, serialize_gap = (on_worker if off_reactor else on_main)(serialize)
     conf = ConfState(frozenset({"n1", "n2", "n3"}))
     snapshot = Snapshot(SnapshotMeta(keys, 2, conf), data)
     with tempfile.TemporaryDirectory() as folder:
@@ -126,8 +164,12 @@ def part_one(keys: int, chunk_bytes: int) -> dict[str, Any]:
                                                             b""))
         storage.save(None, [Entry(2, keys, b"x")], None)
         began = time.perf_counter()
+        if hasattr(storage, "stage_snapshot"):
+            storage.stage_snapshot(snapshot)
+        staged = time.perf_counter() - began
+        began = time.perf_counter()
         storage.compact(snapshot)
-        store = time.perf_counter() - began
+        compacted = time.perf_counter() - began
         storage.close()
         streamed, received = stream_in_memory(snapshot, chunk_bytes)
         assert received == data
@@ -136,15 +178,25 @@ def part_one(keys: int, chunk_bytes: int) -> dict[str, Any]:
         follower.save(HardState(2, None, keys), [], Snapshot(snapshot.meta, received))
         saved = time.perf_counter() - began
         fresh = KVStateMachine()
+        if hasattr(fresh, "restore_prepare"):
+            install, decoded, decode_gap = on_worker(fresh.restore_prepare, received)
+        else:
+            _, decoded, decode_gap = on_main(fresh.restore, received)
+            install = dict  # nothing left to swap in
         began = time.perf_counter()
-        fresh.restore(received)
-        restored = time.perf_counter() - began
+        install()
+        swapped = time.perf_counter() - began
         follower.close()
     assert len(fresh) == keys
-    return {"keys": keys, "bytes": len(data), "take_s": round(take, 3),
-            "store_s": round(store, 3), "stream_s": round(streamed, 3),
-            "chunks": -(-len(data) // chunk_bytes), "install_save_s": round(saved, 3),
-            "install_restore_s": round(restored, 3)}
+    return {"keys": keys, "bytes": len(data), "off_reactor": off_reactor,
+            "freeze_s": round(freeze, 4),
+            "serialize_s": round(serialized, 3),
+            "serialize_main_gap_ms": round(serialize_gap * 1000, 1),
+            "stage_s": round(staged, 3), "compact_s": round(compacted, 4),
+            "stream_s": round(streamed, 3), "chunks": -(-len(data) // chunk_bytes),
+            "install_save_s": round(saved, 3), "install_decode_s": round(decoded, 3),
+            "install_decode_main_gap_ms": round(decode_gap * 1000, 1),
+            "install_swap_s": round(swapped, 4)}
 
 
 def part_two(keys: int, every: int, seconds: float, inflight: int) -> dict[str, Any]:
@@ -173,7 +225,9 @@ def part_two(keys: int, every: int, seconds: float, inflight: int) -> dict[str, 
     host.register(CompactionPlugin({**CompactionPlugin.settings_defaults, "entries": every}),
                   "compaction")
     node = RaftNode(config, host, reactor)
-    snapshots: list[tuple[float, float]] = []
+    begins: list[tuple[float, float]] = []
+    serializes: list[tuple[float, float]] = []
+    stages: list[tuple[float, float]] = []
     stores: list[tuple[float, float]] = []
     completions: list[float] = []
     ticks: list[float] = []
@@ -187,6 +241,22 @@ def part_two(keys: int, every: int, seconds: float, inflight: int) -> dict[str, 
             finally:
                 where.append((t0, time.perf_counter()))
         wrapper.__name__ = fn.__name__
+        return wrapper
+
+    def timed_begin(begin: Any) -> Any:
+        def wrapper() -> Any:
+            return timed(timed(begin, begins)(), serializes)
+        return wrapper
+
+    def timed_snapshot(snapshot: Any) -> Any:
+        """Before snapshot_begin: snapshot() froze and serialized at once, on the reactor."""
+        def wrapper() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return snapshot()
+            finally:
+                begins.append((t0, t0))
+                serializes.append((t0, time.perf_counter()))
         return wrapper
 
     async def writer(worker: int) -> None:
@@ -205,7 +275,13 @@ def part_two(keys: int, every: int, seconds: float, inflight: int) -> dict[str, 
 
     async def main() -> None:
         await node.when_started()
-        node.state_machine.snapshot = timed(node.state_machine.snapshot, snapshots)
+        sm = node.state_machine
+        if hasattr(sm, "snapshot_begin"):
+            sm.snapshot_begin = timed_begin(sm.snapshot_begin)
+        else:
+            sm.snapshot = timed_snapshot(sm.snapshot)
+        if hasattr(node.storage, "stage_snapshot"):
+            node.storage.stage_snapshot = timed(node.storage.stage_snapshot, stages)
         node.storage.compact = timed(node.storage.compact, stores)
         loop = task.LoopingCall(heartbeat)
         loop.start(0.01)
@@ -231,26 +307,47 @@ def part_two(keys: int, every: int, seconds: float, inflight: int) -> dict[str, 
         if 0 <= k < len(buckets):
             buckets[k] += 1
     in_snapshot = set()
-    # A window is "in a snapshot" from serialization (reactor) to the end of its storage
-    # (writer thread, where it delays the saves queued behind it).
-    for (t0, _), (_, t1) in zip(snapshots, stores):
+    spans = list(zip(begins, stores))
+    # A window is "in a snapshot" from snapshot_begin (reactor) to the end of Storage.compact
+    # (writer thread): serialization and staging run in between, on the snapshot worker.
+    for (t0, _), (_, t1) in spans:
         for k in range(int((t0 - start) / window), int((t1 - start) / window) + 1):
             in_snapshot.add(k)
     during = [buckets[k] / window for k in sorted(in_snapshot) if 0 <= k < len(buckets)]
     outside = [b / window for k, b in enumerate(buckets) if k not in in_snapshot]
-    stalls = [b - a for a, b in zip(ticks, ticks[1:])]
+    stalls = [(b - a, b) for a, b in zip(ticks, ticks[1:]) if b >= start]
+    stalls_in = [gap for gap, t in stalls
+                 if any(t0 <= t <= t1 + 0.01 for (t0, _), (_, t1) in spans)]
+    stalls_out = [gap for gap, t in stalls
+                  if not any(t0 <= t <= t1 + 0.01 for (t0, _), (_, t1) in spans)]
+
+    def p99_ms(gaps: list[float]) -> float | None:
+        return round(statistics.quantiles(gaps, n=100)[98] * 1000, 1) if len(gaps) > 1 else None
+
+    def ms(spans_: list[tuple[float, float]]) -> list[float]:
+        return [round((b - a) * 1000, 1) for a, b in spans_]
+
     return {"preloaded_keys": keys, "snapshot_every": every, "seconds": seconds,
             "inflight": inflight, "writes": len(completions),
             "writes_per_s": round(len(completions) / seconds),
-            "snapshots": len(snapshots),
-            "snapshot_take_s": [round(b - a, 3) for a, b in snapshots],
-            "snapshot_store_s": [round(b - a, 3) for a, b in stores],
+            "snapshots": len(stores),
+            "freeze_ms": ms(begins), "serialize_ms": ms(serializes), "stage_ms": ms(stages),
+            "compact_ms": ms(stores),
+            "begin_to_stored_s": [round(t1 - t0, 3) for (t0, _), (_, t1) in spans],
             "windows_in_snapshots": len(during), "windows_outside": len(outside),
             "writes_per_s_outside_snapshots_median": round(statistics.median(outside))
             if outside else None,
             "writes_per_s_in_snapshot_windows_median": round(statistics.median(during))
             if during else None,
-            "longest_reactor_stall_s": round(max(stalls), 3) if stalls else None}
+            "writes_per_s_in_snapshot_windows_mean": round(statistics.mean(during))
+            if during else None,
+            "longest_reactor_stall_s": round(max(g for g, _ in stalls), 3) if stalls else None,
+            "longest_reactor_stall_in_snapshots_s": round(max(stalls_in), 3)
+            if stalls_in else None,
+            "reactor_gap_p99_ms_in_snapshots": p99_ms(stalls_in),
+            "reactor_gap_p99_ms_outside": p99_ms(stalls_out),
+            "reactor_gaps_over_100ms_in_snapshots": sum(g > 0.1 for g in stalls_in),
+            "reactor_gaps_over_100ms_outside": sum(g > 0.1 for g in stalls_out)}
 
 
 def main(argv: list[str] | None = None) -> int:
