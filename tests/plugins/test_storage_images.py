@@ -21,6 +21,7 @@ from bwcore.kernel import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 from bwcore.storage import PersistedState, SnapshotStaging, StorageError
 from bwraft_plugins.sql_schema import IMAGE_PART_BYTES
 from bwraft_plugins.sqlstorage import SqlStorage
+from tests.plugins.test_storage_contract import execute_raw
 
 CONF = ConfState(voters=frozenset({"n1", "n2", "n3"}))
 
@@ -43,14 +44,6 @@ def image_ids(storage: SqlStorage, url: str) -> set[int]:
         ids = {int(i) for i in conn.exec_driver_sql("SELECT id FROM snapshot_images").scalars()}
     engine.dispose()
     return ids
-
-
-def execute_raw(url: str, *statements: str) -> None:
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
-    with engine.begin() as conn:
-        for statement in statements:
-            conn.exec_driver_sql(statement)
-    engine.dispose()
 
 
 def test_sql_storage_stages_snapshots(storage: SqlStorage) -> None:
