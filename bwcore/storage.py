@@ -121,7 +121,8 @@ class SnapshotStaging(Protocol):
         Called on a thread other than the writer, concurrently with ``save``. A later
         ``compact(snapshot)`` or ``save(..., snapshot)`` of the same object records it; an
         image staged but never recorded (refused, or lost with a crash) must not be mistaken
-        for a snapshot, and should be removed when the store next opens.
+        for a snapshot, and should be removed eventually (the built-in storage: once a newer
+        image is recorded).
 
         Raises:
             ValueError: The snapshot's index is below 1.

@@ -6,8 +6,8 @@ log's group commits): ``<dir>/snapshot-<id>.img``. A file is written under a tem
 fsynced, renamed into place and the directory fsynced; only then may the database record that
 names it commit (see :class:`bwraft_plugins.sqlstorage.SqlStorage`). A crash therefore leaves
 at worst a file nobody names — a temporary or an image whose record never committed — which
-the storage removes the next time it opens; never a record naming a file that is not wholly
-on disk.
+the storage removes once a newer image is named; never a record naming a file that is not
+wholly on disk.
 
 Errors are the ``OSError`` of the failing call; the storage turns them into ``StorageError``.
 """
@@ -83,13 +83,12 @@ class ImageFiles:
         for image_id in image_ids:
             self._remove(self.path(image_id))
 
-    def remove_all_but(self, keep: set[int]) -> None:
-        """Delete every image and temporary file whose id is not in ``keep``.
-
-        Files that are not ours (other names) are left alone.
-        """
+    def remove_below(self, limit: int, keep: set[int]) -> None:
+        """Delete every image and temporary file whose id is below ``limit`` and not in
+        ``keep``. Files that are not ours (other names) are left alone."""
         for match in self._matches():
-            if match.group(2) or int(match.group(1)) not in keep:
+            image_id = int(match.group(1))
+            if image_id < limit and image_id not in keep:
                 self._remove(self.directory / match.group(0))
 
     def _matches(self) -> list[re.Match[str]]:
@@ -111,7 +110,7 @@ class ImageFiles:
         try:
             _unlink_quietly(path)
         except OSError as exc:
-            # Not fatal: an unnamed image costs disk space only, and the next open retries.
+            # Not fatal: an unnamed image costs disk space only, and the next sweep retries.
             log.warning("snapshot_image_not_removed", path=str(path), error=str(exc))
 
 

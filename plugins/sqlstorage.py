@@ -13,7 +13,8 @@ delays a group commit: on SQLite as files beside the database
 on a connection of their own. The node writes its own snapshot's image first
 (:meth:`SqlStorage.stage_snapshot`, on a thread of its own), then ``compact`` records the
 metadata and drops the log prefix in one short transaction. An image is durable before any
-record names it; an image no record names is removed when the store next opens.
+record names it; images older than the named one are removed once it is named, and when
+the store opens.
 
 Threading: the node calls :meth:`SqlStorage.load` at start and ``save``/``compact`` from one
 writer thread; every method is also safe to call from any other thread (calls are serialized
@@ -118,6 +119,7 @@ class SqlStorage:
         # Image ids handed out, and images written but not yet named by the snapshot record.
         self._images_lock = threading.Lock()
         self._next_image = 1
+        self._writing: set[int] = set()
         self._staged: dict[int, tuple[Snapshot, int]] = {}  # id -> (snapshot, CRC-32)
 
     @property
@@ -227,7 +229,7 @@ class SqlStorage:
         Meant for a thread other than the writer: it holds the storage lock only for a
         moment (except on an in-memory SQLite store, where there is one connection). A
         following :meth:`compact` or :meth:`save` of this same snapshot object then records
-        only its metadata. An image staged but never recorded is removed at the next open.
+        only its metadata. An image staged but never recorded is removed once a newer one is.
 
         Raises:
             ValueError: The snapshot's index is below 1.
@@ -299,8 +301,8 @@ class SqlStorage:
         """Run ``body`` in a write transaction and remember the log shape it returns.
 
         ``image`` is the (id, size, CRC-32) of a durable image ``body`` may record: refused
-        (ValueError, nothing changed), it is deleted. The image a commit stops naming is
-        deleted with it: a row in the same transaction, a file once the commit is durable.
+        (ValueError, nothing changed), it is deleted. Once a commit names a new image, the
+        older ones go (:meth:`_sweep_rows`, :meth:`_sweep_files`).
         """
         with self._lock:
             self._open()
@@ -308,9 +310,9 @@ class SqlStorage:
                 with self._transaction(action) as conn:
                     shape = self._shape or self._query_shape(conn)
                     new_shape = body(conn, shape)
-                    replaced = shape.image if shape.image != new_shape.image else 0
-                    if replaced and self._files is None:
-                        conn.execute(delete(images_table).where(images_table.c.id == replaced))
+                    named = new_shape.image if new_shape.image != shape.image else 0
+                    if named and self._files is None:
+                        self._sweep_rows(conn, named)
             except ValueError:
                 self._shape = None
                 if image is not None:
@@ -318,33 +320,55 @@ class SqlStorage:
                 raise
             except BaseException:
                 # A failed commit may or may not have reached the disk: ask the database. The
-                # image stays: the commit may name it; the next open removes it if not.
+                # image stays: the commit may name it; if not, it goes once a newer one is named.
                 self._shape = None
                 raise
             self._shape = new_shape
-            if replaced and self._files is not None:
-                self._files.remove([replaced])
+            if named and self._files is not None:
+                self._sweep_files(named)
 
     def _open(self) -> None:
-        """Check (or create) the schema once, and remove images no record names. Called
-        with the lock held, before any image is staged."""
+        """Check (or create) the schema once, and remove images older than the named one.
+        Called with the lock held."""
         if self._schema_checked:
             return
         with self._transaction("open the Raft log") as conn:
             check_schema(conn, self._where)
-            named = conn.scalar(select(snapshot_table.c.image))
-            keep = {int(named)} if named is not None else set()
+            named = int(conn.scalar(select(snapshot_table.c.image)) or 0)
             if self._files is None:
                 present = {int(i) for i in conn.scalars(select(images_table.c.id).distinct())}
-                for orphan in present - keep:
-                    conn.execute(delete(images_table).where(images_table.c.id == orphan))
+                if named:
+                    self._sweep_rows(conn, named)
             else:
                 present = self._files.ids()
-        if self._files is not None:
-            self._files.remove_all_but(keep)
+        if named and self._files is not None:
+            self._sweep_files(named)
         with self._images_lock:
-            self._next_image = max(present | keep, default=0) + 1
+            self._next_image = max(present | {named}) + 1
         self._schema_checked = True
+
+    # Which images may go. Ids only grow, and an image is written before any record names
+    # it, so every image below the named one is either replaced or was never named (left by
+    # a crash, or refused) — except those this process is staging or has staged, which a
+    # commit may still name. Images above the named one are left alone: another process on
+    # this store (a diagnostic opening it while the node runs) cannot tell them from images
+    # the node is staging. They go once a newer image is named.
+
+    def _own_unnamed(self) -> set[int]:
+        with self._images_lock:
+            return self._writing | set(self._staged)
+
+    def _sweep_rows(self, conn: Connection, named: int) -> None:
+        """In the transaction naming ``named``: delete the image rows below it."""
+        stale = images_table.c.id < named
+        own = self._own_unnamed()
+        if own:
+            stale = stale & images_table.c.id.not_in(own)
+        conn.execute(delete(images_table).where(stale))
+
+    def _sweep_files(self, named: int) -> None:
+        """Once the record naming ``named`` is durable: delete the image files below it."""
+        self._files.remove_below(named, keep=self._own_unnamed())
 
     # ---------------------------------------------------------------- snapshot images
 
@@ -361,18 +385,25 @@ class SqlStorage:
         with self._images_lock:
             image_id = self._next_image
             self._next_image += 1
-        if self._files is not None:
-            try:
-                self._files.write(image_id, data)
-            except OSError as exc:
-                raise StorageError(f"{self._where}: cannot write snapshot image"
-                                   f" {self._files.path(image_id)}: {exc}") from exc
-        elif self._is_sqlite:  # in memory: one connection, shared with the writer
-            with self._lock:
+            self._writing.add(image_id)
+        try:
+            if self._files is not None:
+                try:
+                    self._files.write(image_id, data)
+                except OSError as exc:
+                    raise StorageError(f"{self._where}: cannot write snapshot image"
+                                       f" {self._files.path(image_id)}: {exc}") from exc
+            elif self._is_sqlite:  # in memory: one connection, shared with the writer
+                with self._lock:
+                    self._insert_image(image_id, data)
+            else:
                 self._insert_image(image_id, data)
-        else:
-            self._insert_image(image_id, data)
+        except BaseException:
+            with self._images_lock:
+                self._writing.discard(image_id)
+            raise
         with self._images_lock:
+            self._writing.discard(image_id)
             self._staged[image_id] = (snapshot, crc)
         return image_id
 
@@ -405,7 +436,7 @@ class SqlStorage:
             with self._transaction("remove a snapshot image") as conn:
                 conn.execute(delete(images_table).where(images_table.c.id == image_id))
         except StorageError as exc:
-            # Only space is lost; the next open removes it.
+            # Only space is lost; it goes once a newer image is named.
             log.warning("snapshot_image_not_removed", where=self._where, image=image_id,
                         error=str(exc))
 

@@ -117,39 +117,66 @@ def test_the_log_writer_does_not_wait_for_an_image_being_staged(
     assert storage.load() == PersistedState(HardState(1, "n1", 9), image, entries(4, 9))
 
 
-def test_an_image_staged_but_never_recorded_is_removed_at_the_next_open(
+def test_an_image_staged_but_never_recorded_is_ignored_then_removed(
         open_storage, fresh_storage_url) -> None:
-    """Crash after staging, before compact: the old snapshot stands, the image goes."""
+    """Crash after staging, before compact: the old snapshot stands; the unnamed image goes
+    once a newer one is recorded."""
     url = fresh_storage_url()
     storage = open_storage(url)
     storage.save(None, entries(2, 5), snapshot(1, data=b"old"))
     storage.stage_snapshot(snapshot(4, data=b"new"))
-    assert len(image_ids(storage, url)) == 2
+    [old, unnamed] = sorted(image_ids(storage, url))
     storage.close()  # the process dies here
     reopened = open_storage(url)
     state = reopened.load()
     assert state.snapshot == snapshot(1, data=b"old") and state.entries == entries(2, 5)
-    assert len(image_ids(reopened, url)) == 1
+    reopened.compact(snapshot(3, data=b"newer"))
+    [named] = image_ids(reopened, url)
+    assert named > unnamed > old
+    assert reopened.load().snapshot == snapshot(3, data=b"newer")
+
+
+def test_opening_a_live_store_from_another_process_leaves_its_images_alone(
+        open_storage, fresh_storage_url) -> None:
+    """A second SqlStorage on the same store (a diagnostic reading log_stats while the node
+    runs) must not delete an image the node has staged but not yet recorded."""
+    url = fresh_storage_url()
+    node = open_storage(url)
+    node.save(None, entries(2, 6), snapshot(1, data=b"old"))
+    staged = snapshot(5, data=b"being recorded")
+    node.stage_snapshot(staged)
+    diagnostic = open_storage(url)
+    assert diagnostic.log_stats() == (5, 10)
+    assert diagnostic.load().snapshot == snapshot(1, data=b"old")
+    diagnostic.close()
+    node.compact(staged)
+    node.close()
+    assert open_storage(url).load().snapshot == staged
 
 
 def test_leftovers_of_a_crash_in_the_image_directory_are_ignored_then_removed(
         tmp_path: Path) -> None:
-    """A half-written temporary file and an image whose record never committed neither
-    count nor stay; files that are not images are left alone."""
+    """Half-written temporary files and images whose record never committed never count:
+    those below the named image go when the store opens, the others once a newer image is
+    named; files that are not images are left alone."""
     url = f"sqlite:///{tmp_path / 'raft.db'}"
     storage = SqlStorage(url)
-    storage.save(None, entries(3, 4), snapshot(2, data=b"kept"))
+    storage.save(None, entries(2, 4), snapshot(1, data=b"first"))
+    storage.save(None, entries(3, 4), snapshot(2, data=b"kept"))  # image 2 replaces 1
     directory = storage.images_directory
     assert directory == tmp_path / "raft-snapshots"
     storage.close()
+    (directory / "snapshot-1.img.tmp").write_bytes(b"torn, older")
     (directory / "snapshot-77.img.tmp").write_bytes(b"torn")
     (directory / "snapshot-78.img").write_bytes(b"never named")
     (directory / "notes.txt").write_text("an operator's file")
     reopened = SqlStorage(url)
     assert reopened.load().snapshot == snapshot(2, data=b"kept")
-    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt", "snapshot-1.img"]
-    reopened.stage_snapshot(snapshot(3, data=b"next"))  # a fresh id, past the leftovers
-    assert (directory / "snapshot-79.img").read_bytes() == b"next"
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "notes.txt", "snapshot-2.img", "snapshot-77.img.tmp", "snapshot-78.img"]
+    reopened.compact(snapshot(3, data=b"next"))  # a fresh id, past the leftovers
+    assert sorted(p.name for p in directory.iterdir()) == ["notes.txt", "snapshot-79.img"]
+    assert reopened.load().snapshot == snapshot(3, data=b"next")
     reopened.close()
 
 
@@ -225,10 +252,11 @@ def test_a_damaged_image_is_refused(open_storage, fresh_storage_url, damage: str
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_any_sequence_of_staging_compaction_and_crashes_keeps_exactly_one_image(
+def test_any_sequence_of_staging_compaction_and_crashes_keeps_the_recorded_image(
         open_storage, fresh_storage_url, data) -> None:
-    """Staged images recorded, refused or abandoned by a crash: after every reopen the
-    store holds the newest recorded snapshot and no other image."""
+    """Staged images recorded, refused or abandoned by a crash: the store always loads the
+    newest recorded snapshot, keeps no image older than it, and right after recording one
+    holds no other image at all."""
     url = fresh_storage_url()
     storage = open_storage(url)
     storage.save(HardState(1, "n1", 0), entries(1, 40), None)
@@ -264,8 +292,21 @@ def test_any_sequence_of_staging_compaction_and_crashes_keeps_exactly_one_image(
                 storage.compact(image)
                 recorded = image
         assert storage.load().snapshot == recorded
-        assert len(image_ids(storage, url)) == (1 if recorded else 0)
+        present = image_ids(storage, url)
+        if recorded is not None:
+            named = _named_image(url)
+            assert named in present and min(present) == named
+            if action in ("compact", "stage+compact", "save") and recorded is image:
+                assert present == {named}
     storage.close()
+
+
+def _named_image(url: str) -> int:
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    with engine.connect() as conn:
+        named = conn.exec_driver_sql("SELECT image FROM snapshot").scalar()
+    engine.dispose()
+    return int(named)
 
 
 def test_an_image_stored_as_rows_is_split_into_parts_and_read_back_whole() -> None:
