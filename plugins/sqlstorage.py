@@ -8,9 +8,9 @@ returns. PostgreSQL is chosen by URL (``postgresql+psycopg2://...``) with
 and which image holds its data) and ``snapshot_images``. See docs/storage.md.
 
 Snapshot images are written apart from the log's transactions, so that a large image never
-delays a group commit: on SQLite as files beside the database
-(:mod:`bwraft_plugins.snapshot_files`), on PostgreSQL as rows of ``snapshot_images`` inserted
-on a connection of their own. The node writes its own snapshot's image first
+delays a group commit (:mod:`bwraft_plugins.sql_images`): on SQLite as files beside the
+database (:mod:`bwraft_plugins.snapshot_files`), on PostgreSQL as rows of ``snapshot_images``
+inserted on a connection of their own. The node writes its own snapshot's image first
 (:meth:`SqlStorage.stage_snapshot`, on a thread of its own), then ``compact`` records the
 metadata and drops the log prefix in one short transaction. An image is durable before any
 record names it; images older than the named one are removed once it is named, and when
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import threading
-import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,10 +41,10 @@ from bwcore.hookspecs import hookimpl
 from bwcore.kernel import Entry, HardState, Snapshot, SnapshotMeta
 from bwcore.storage import PersistedState, StorageError
 from bwraft_plugins.snapshot_files import ImageFiles
+from bwraft_plugins.sql_images import SnapshotImages
 from bwraft_plugins.sql_schema import (
     ENTRY_INDEX,
     ENTRY_SIZE,
-    IMAGE_PART_BYTES,
     SCHEMA_VERSION,
     check_schema,
     decode_state,
@@ -53,7 +52,6 @@ from bwraft_plugins.sql_schema import (
     describe,
     entries_table,
     hard_state_table,
-    images_table,
     reason,
     snapshot_table,
 )
@@ -112,15 +110,12 @@ class SqlStorage:
         self._shape: _LogShape | None = None
         self._closed = False
         # Images: files beside a SQLite database file, else rows of snapshot_images.
-        self._files: ImageFiles | None = None
+        files = None
         if self._is_sqlite and parsed.database not in (None, "", ":memory:"):
             database = Path(parsed.database)
-            self._files = ImageFiles(database.with_name(f"{database.stem}-snapshots"))
-        # Image ids handed out, and images written but not yet named by the snapshot record.
-        self._images_lock = threading.Lock()
-        self._next_image = 1
-        self._writing: set[int] = set()
-        self._staged: dict[int, tuple[Snapshot, int]] = {}  # id -> (snapshot, CRC-32)
+            files = ImageFiles(database.with_name(f"{database.stem}-snapshots"))
+        self._images = SnapshotImages(self._where, files, self._transaction,
+                                      self._lock if self._is_sqlite else None)
 
     @property
     def where(self) -> str:
@@ -131,7 +126,7 @@ class SqlStorage:
     def images_directory(self) -> Path | None:
         """Where snapshot image files live (SQLite on disk), or None: rows of
         ``snapshot_images`` (PostgreSQL, in-memory SQLite)."""
-        return self._files.directory if self._files is not None else None
+        return self._images.directory
 
     # ---------------------------------------------------------------- the Storage protocol
 
@@ -143,7 +138,11 @@ class SqlStorage:
                 hard_rows = conn.execute(select(hard_state_table)).all()
                 snapshot_rows = conn.execute(select(snapshot_table)).all()
                 entry_rows = conn.execute(select(entries_table).order_by(ENTRY_INDEX)).all()
-                image = self._read_image(conn, snapshot_rows[0]) if snapshot_rows else b""
+                image = b""
+                if snapshot_rows:
+                    row = snapshot_rows[0]
+                    image = self._images.read(conn, int(row.image), int(row.size),
+                                              int(row.crc32))
             state = decode_state(self._where, hard_rows, snapshot_rows, entry_rows, image)
             meta = state.snapshot.meta if state.snapshot else SnapshotMeta()
             self._shape = _LogShape(
@@ -237,7 +236,8 @@ class SqlStorage:
         """
         if snapshot.meta.index < 1:
             raise ValueError(f"a snapshot must cover index 1 or more, not {snapshot.meta.index}")
-        self._stage(snapshot)
+        self._ready_for_images("store a snapshot image")
+        self._images.stage(snapshot)
 
     def log_stats(self) -> tuple[int, int]:
         """Return ``(entry count, total data bytes)``; from memory once the store is open."""
@@ -255,8 +255,7 @@ class SqlStorage:
             if not self._closed:
                 self._closed = True
                 self._engine.dispose()
-        with self._images_lock:
-            self._staged.clear()
+        self._images.close()
 
     # ---------------------------------------------------------------- diagnostics
 
@@ -302,7 +301,7 @@ class SqlStorage:
 
         ``image`` is the (id, size, CRC-32) of a durable image ``body`` may record: refused
         (ValueError, nothing changed), it is deleted. Once a commit names a new image, the
-        older ones go (:meth:`_sweep_rows`, :meth:`_sweep_files`).
+        older ones go (see :mod:`bwraft_plugins.sql_images`).
         """
         with self._lock:
             self._open()
@@ -311,12 +310,11 @@ class SqlStorage:
                     shape = self._shape or self._query_shape(conn)
                     new_shape = body(conn, shape)
                     named = new_shape.image if new_shape.image != shape.image else 0
-                    if named and self._files is None:
-                        self._sweep_rows(conn, named)
+                    self._images.named_in(conn, named)
             except ValueError:
                 self._shape = None
                 if image is not None:
-                    self._forget_image(image[0])
+                    self._images.forget(image[0])
                 raise
             except BaseException:
                 # A failed commit may or may not have reached the disk: ask the database. The
@@ -324,8 +322,7 @@ class SqlStorage:
                 self._shape = None
                 raise
             self._shape = new_shape
-            if named and self._files is not None:
-                self._sweep_files(named)
+            self._images.named_durably(named)
 
     def _open(self) -> None:
         """Check (or create) the schema once, and remove images older than the named one.
@@ -335,144 +332,21 @@ class SqlStorage:
         with self._transaction("open the Raft log") as conn:
             check_schema(conn, self._where)
             named = int(conn.scalar(select(snapshot_table.c.image)) or 0)
-            if self._files is None:
-                present = {int(i) for i in conn.scalars(select(images_table.c.id).distinct())}
-                if named:
-                    self._sweep_rows(conn, named)
-            else:
-                present = self._files.ids()
-        if named and self._files is not None:
-            self._sweep_files(named)
-        with self._images_lock:
-            self._next_image = max(present | {named}) + 1
+            self._images.opened(conn, named)
+        self._images.named_durably(named)
         self._schema_checked = True
 
-    # Which images may go. Ids only grow, and an image is written before any record names
-    # it, so every image below the named one is either replaced or was never named (left by
-    # a crash, or refused) — except those this process is staging or has staged, which a
-    # commit may still name. Images above the named one are left alone: another process on
-    # this store (a diagnostic opening it while the node runs) cannot tell them from images
-    # the node is staging. They go once a newer image is named.
-
-    def _own_unnamed(self) -> set[int]:
-        with self._images_lock:
-            return self._writing | set(self._staged)
-
-    def _sweep_rows(self, conn: Connection, named: int) -> None:
-        """In the transaction naming ``named``: delete the image rows below it."""
-        stale = images_table.c.id < named
-        own = self._own_unnamed()
-        if own:
-            stale = stale & images_table.c.id.not_in(own)
-        conn.execute(delete(images_table).where(stale))
-
-    def _sweep_files(self, named: int) -> None:
-        """Once the record naming ``named`` is durable: delete the image files below it."""
-        self._files.remove_below(named, keep=self._own_unnamed())
-
-    # ---------------------------------------------------------------- snapshot images
-
-    def _stage(self, snapshot: Snapshot) -> int:
-        """Write the image of ``snapshot`` durably under a new id; remember it as staged."""
+    def _ready_for_images(self, action: str) -> None:
+        """Before an image is written: the store is open (image ids known) and not closed."""
         if self._closed:
-            raise StorageError(f"{self._where}: cannot store a snapshot image: the storage"
-                               " is closed")
+            raise StorageError(f"{self._where}: cannot {action}: the storage is closed")
         if not self._schema_checked:
             with self._lock:
                 self._open()
-        data = snapshot.data
-        crc = zlib.crc32(data)  # releases the GIL on large buffers
-        with self._images_lock:
-            image_id = self._next_image
-            self._next_image += 1
-            self._writing.add(image_id)
-        try:
-            if self._files is not None:
-                try:
-                    self._files.write(image_id, data)
-                except OSError as exc:
-                    raise StorageError(f"{self._where}: cannot write snapshot image"
-                                       f" {self._files.path(image_id)}: {exc}") from exc
-            elif self._is_sqlite:  # in memory: one connection, shared with the writer
-                with self._lock:
-                    self._insert_image(image_id, data)
-            else:
-                self._insert_image(image_id, data)
-        except BaseException:
-            with self._images_lock:
-                self._writing.discard(image_id)
-            raise
-        with self._images_lock:
-            self._writing.discard(image_id)
-            self._staged[image_id] = (snapshot, crc)
-        return image_id
-
-    def _insert_image(self, image_id: int, data: bytes) -> None:
-        with self._transaction("store a snapshot image") as conn:
-            # One statement per part (not one multi-row INSERT): the GIL is free in between.
-            for part, offset in enumerate(range(0, max(len(data), 1), IMAGE_PART_BYTES)):
-                piece = data[offset:offset + IMAGE_PART_BYTES]
-                conn.execute(insert(images_table).values(id=image_id, part=part, data=piece))
 
     def _claim_image(self, snapshot: Snapshot) -> tuple[int, int, int]:
-        """The (id, size, CRC-32) of a durable image of ``snapshot``: the one staged for this
-        very snapshot, or one written now, on the calling thread."""
-        with self._images_lock:
-            for image_id, (staged, crc) in self._staged.items():
-                if staged.data is snapshot.data and staged.meta == snapshot.meta:
-                    del self._staged[image_id]
-                    return image_id, len(snapshot.data), crc
-        image_id = self._stage(snapshot)
-        with self._images_lock:
-            _, crc = self._staged.pop(image_id)
-        return image_id, len(snapshot.data), crc
-
-    def _forget_image(self, image_id: int) -> None:
-        """Delete an image no commit names (called with the lock held)."""
-        if self._files is not None:
-            self._files.remove([image_id])
-            return
-        try:
-            with self._transaction("remove a snapshot image") as conn:
-                conn.execute(delete(images_table).where(images_table.c.id == image_id))
-        except StorageError as exc:
-            # Only space is lost; it goes once a newer image is named.
-            log.warning("snapshot_image_not_removed", where=self._where, image=image_id,
-                        error=str(exc))
-
-    def _read_image(self, conn: Connection, row: Any) -> bytes:
-        """The data of the snapshot record ``row``, checked against its size and CRC-32."""
-        image_id, size, crc = int(row.image), int(row.size), int(row.crc32)
-        if self._files is not None:
-            name = str(self._files.path(image_id))
-            try:
-                data = self._files.read(image_id)
-            except FileNotFoundError:
-                raise StorageError(f"{self._where}: snapshot image {name} is missing") from None
-            except OSError as exc:
-                raise StorageError(f"{self._where}: cannot read snapshot image {name}:"
-                                   f" {exc}") from exc
-        else:
-            name = f"{images_table.name} id {image_id}"
-            parts = conn.execute(select(images_table.c.part, images_table.c.data)
-                                 .where(images_table.c.id == image_id)
-                                 .order_by(images_table.c.part))
-            pieces = []
-            for expected, (part, piece) in enumerate(parts):
-                if part != expected:
-                    raise StorageError(f"{self._where}: snapshot image {name} is corrupt:"
-                                       f" part {expected} is missing")
-                pieces.append(bytes(piece))
-            if not pieces:
-                raise StorageError(f"{self._where}: snapshot image {name} is missing")
-            data = b"".join(pieces)
-        actual_crc = zlib.crc32(data)
-        if len(data) != size or actual_crc != crc:
-            raise StorageError(
-                f"{self._where}: snapshot image {name} is corrupt: {len(data)} bytes with"
-                f" CRC-32 {actual_crc:08x}, the record says {size} bytes with {crc:08x}"
-            )
-        return data
+        self._ready_for_images("store a snapshot image")
+        return self._images.claim(snapshot)
 
     # ---------------------------------------------------------------- writes
 

@@ -19,6 +19,8 @@ from sqlalchemy.pool import NullPool
 
 from bwcore.kernel import ConfState, Entry, HardState, Snapshot, SnapshotMeta
 from bwcore.storage import PersistedState, SnapshotStaging, StorageError
+from bwraft_plugins.snapshot_files import ImageFiles
+from bwraft_plugins.sql_images import SnapshotImages
 from bwraft_plugins.sql_schema import IMAGE_PART_BYTES
 from bwraft_plugins.sqlstorage import SqlStorage
 from tests.plugins.test_storage_contract import execute_raw
@@ -76,25 +78,17 @@ def test_the_log_writer_does_not_wait_for_an_image_being_staged(
     staging does not hold the storage's lock (nor, on SQLite, the database)."""
     storage.save(HardState(1, "n1", 3), entries(1, 3), None)
     writing, release = threading.Event(), threading.Event()
-    if storage.images_directory is not None:
-        files = storage._files
-        real_write = files.write
+    # Hold the image write half-way: a file on SQLite, the part rows on PostgreSQL.
+    cls, name = (ImageFiles, "write") if storage.images_directory is not None \
+        else (SnapshotImages, "_insert")
+    real_write = getattr(cls, name)
 
-        def held_write(image_id: int, data: bytes) -> None:
-            writing.set()
-            assert release.wait(30)
-            real_write(image_id, data)
+    def held_write(self, image_id: int, data: bytes) -> None:
+        writing.set()
+        assert release.wait(30)
+        real_write(self, image_id, data)
 
-        monkeypatch.setattr(files, "write", held_write)
-    else:
-        real_insert = storage._insert_image
-
-        def held_insert(image_id: int, data: bytes) -> None:
-            writing.set()
-            assert release.wait(30)
-            real_insert(image_id, data)
-
-        monkeypatch.setattr(storage, "_insert_image", held_insert)
+    monkeypatch.setattr(cls, name, held_write)
     image = snapshot(3, data=b"i" * 1_000_000)
     failures: list[BaseException] = []
 
