@@ -2,11 +2,13 @@
 
 Loaded on every node by default. It answers ``bwraft_should_snapshot`` — snapshot once
 ``entries`` entries or ``max_bytes`` bytes were applied since the last snapshot — and the node
-does the rest: it takes ``state_machine.snapshot()`` at the applied index, stores it with
-``Storage.compact`` on its writer thread (snapshot and prefix deletion in one transaction), and
-only then drops the prefix from the kernel (``RawNode.compact``). A crash anywhere in between
-leaves either the old snapshot with the whole log or the new snapshot with the log after it:
-both restart to the same state.
+does the rest without stalling its reactor: the state machine freezes its state at the applied
+index (``snapshot_begin``), a worker thread serializes it and writes the image apart from the
+log (``Storage.stage_snapshot``), ``Storage.compact`` on the writer thread records it and drops
+the covered entries in one short transaction, and only then does the kernel drop the prefix
+(``RawNode.compact``). A crash anywhere in between leaves either the old snapshot with the
+whole log or the new snapshot with the log after it: both restart to the same state. See
+docs/compaction.md.
 
 On the leader it also takes the kernel's SNAPSHOT messages out of each outgoing batch and
 streams the image in acknowledged chunks (:mod:`bwraft_plugins.snapshot_stream`), so a follower,
