@@ -320,7 +320,7 @@ class KVStateMachine:
         freeze = _Freeze()
         data, applied_index = self._data, self.applied_index
         requests, start, end = self._requests, self._requests_start, len(self._requests)
-        self._overlay, self._size, self._freeze = {}, len(data), freeze
+        self._overlay, self._appended, self._size, self._freeze = {}, set(), len(data), freeze
 
         def serialize() -> bytes:
             try:
