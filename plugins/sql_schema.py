@@ -44,9 +44,9 @@ from bwcore.kernel import ConfState, Entry, EntryType, HardState, Snapshot, Snap
 from bwcore.storage import PersistedState, StorageError
 
 __all__ = [
-    "ENTRY_INDEX", "ENTRY_SIZE", "IMAGE_PART_BYTES", "SCHEMA_VERSION", "check_schema", "create_engine_for",
-    "decode_ids", "decode_state", "describe", "entries_table", "hard_state_table", "images_table",
-    "meta_table", "metadata", "reason", "snapshot_table",
+    "ENTRY_INDEX", "ENTRY_SIZE", "IMAGE_PART_BYTES", "SCHEMA_VERSION", "check_schema",
+    "create_engine_for", "decode_ids", "decode_state", "describe", "entries_table",
+    "hard_state_table", "images_table", "meta_table", "metadata", "reason", "snapshot_table",
 ]
 
 #: The layout this code reads and writes. A store with another version is refused.
