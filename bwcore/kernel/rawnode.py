@@ -18,7 +18,6 @@ from bwcore.kernel.types import (
     ConfChange,
     ConfState,
     Entry,
-    EntryType,
     HardState,
     Message,
     ReadState,
@@ -137,9 +136,8 @@ class RawNode:
         if not log.offset < index <= log.applied:
             raise ValueError(f"snapshot index {index} not in ({log.offset}, {log.applied}]")
         conf = log.snapshot.meta.conf
-        for e in log.entries[: index - log.offset]:
-            if e.type is EntryType.CONF_CHANGE:
-                conf = ConfChange.decode(e.data).apply(conf)
+        for e in log.conf_changes_between(log.offset, index):
+            conf = ConfChange.decode(e.data).apply(conf)
         return Snapshot(SnapshotMeta(index, log.term(index) or 0, conf), data)
 
     def compact(self, snapshot: Snapshot) -> None:

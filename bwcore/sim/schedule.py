@@ -14,7 +14,7 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 
-from bwcore.kernel import ConfChange, ConfChangeType, StateRole
+from bwcore.kernel import ConfChange, ConfChangeType
 from bwcore.sim.network import SimNetwork
 
 
