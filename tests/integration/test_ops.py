@@ -194,7 +194,9 @@ def test_grow_to_five_and_shrink_to_three_while_a_client_writes(
                          f"{old} out of the configuration")
             final = admin.member_list()
             assert len(final["voters"]) == 3 and final["learners"] == []
-            time.sleep(0.5)  # let the writer run a little on the final configuration
+            # The writer must get writes acknowledged on the final configuration too.
+            settled = len(acked)
+            wait_for(lambda: len(acked) >= settled + 20, 20, "writes on the final configuration")
     finally:
         stop.set()
         thread.join(timeout=60)
