@@ -8,7 +8,6 @@ porcupine-style checker in bwcore.linearizability (PROTOCOL.md invariant 7).
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from typing import Callable
@@ -16,60 +15,10 @@ from typing import Callable
 import pytest
 
 from bwcore import cluster as local
-from bwcore.client import Client, ClientError, NotFound, Unavailable
 from bwcore.linearizability import Operation, check_history, render_window
+from tests.integration.support import CLIENTS, history_client
 
 pytestmark = pytest.mark.integration
-
-KEYS = ("x", "y", "z")
-CLIENTS = 4
-
-
-def run_client(client_id: int, endpoints: list[str], stop: threading.Event,
-               history: list[Operation], errors: list[str], lock: threading.Lock) -> None:
-    rng = random.Random(client_id)
-    # A short deadline turns a stuck request into an operation with unknown outcome instead
-    # of a client that waits out the whole test.
-    with Client(endpoints, timeout=2.0, deadline=3.0, rng=rng) as client:
-        counter = 0
-        while not stop.is_set():
-            key, kind = rng.choice(KEYS), rng.choice(("put", "get", "get", "cas", "delete"))
-            counter += 1
-            value = f"c{client_id}-{counter}"
-            expect = rng.choice([None, f"c{rng.randrange(CLIENTS)}-{rng.randrange(counter)}"])
-            call = time.monotonic()
-            fields: dict = {}
-            try:
-                if kind == "put":
-                    client.put(key, value)
-                    fields = {"value": value}
-                elif kind == "delete":
-                    client.delete(key)
-                elif kind == "cas":
-                    result = client.cas(key, expect, value)
-                    fields = {"value": value, "expect": expect, "expect_absent": expect is None,
-                              "output": result.ok}
-                else:
-                    try:
-                        fields = {"output": client.get(key).value}
-                    except NotFound:
-                        fields = {"output": None}
-                outcome: bool | None = True
-                ret: float | None = time.monotonic()
-            except Unavailable:
-                if kind == "get":
-                    continue  # a failed read has no effect: leave it out
-                outcome, ret = None, None
-                if kind != "delete":
-                    fields = {"value": value}
-                if kind == "cas":
-                    fields.update(expect=expect, expect_absent=expect is None)
-            except ClientError as exc:  # anything else is a bug the test must show
-                errors.append(f"client {client_id}: {kind} {key}: {exc}")
-                return
-            with lock:
-                history.append(Operation(client_id, kind, key, call=call, ret=ret, ok=outcome,
-                                         **fields))
 
 
 def test_history_under_leader_kill_and_pause_is_linearizable(
@@ -79,8 +28,9 @@ def test_history_under_leader_kill_and_pause_is_linearizable(
     stop, lock = threading.Event(), threading.Lock()
     history: list[Operation] = []
     errors: list[str] = []
-    threads = [threading.Thread(target=run_client,
-                                args=(i, cluster.endpoints, stop, history, errors, lock))
+    threads = [threading.Thread(target=history_client,
+                                args=(i, cluster.endpoints, stop, history, errors, lock),
+                                kwargs={"kinds": ("put", "get", "get", "cas", "delete")})
                for i in range(CLIENTS)]
     for thread in threads:
         thread.start()

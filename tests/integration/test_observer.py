@@ -13,15 +13,12 @@ import threading
 import time
 
 from bwcore import cluster as local
-from bwcore.client import Client, ClientError, NotFound
-from bwcore.client import Unavailable as ClientUnavailable
+from bwcore.client import Client
 from bwcore.config import load_config
 from bwcore.linearizability import Operation, check_history, render_window
-from tests.integration.support import wait_for
+from tests.integration.support import CLIENTS, history_client, wait_for
 
 ROUNDS = 1000
-KEYS = ("x", "y", "z")
-CLIENTS = 4
 
 
 def _status(cluster: local.Cluster, node_id: str) -> dict:
@@ -125,49 +122,6 @@ def test_a_write_sent_to_an_observer_reaches_the_leader(start_cluster) -> None:
         assert client.get("via-observer").value == "1"
 
 
-def _observer_client(client_id: int, endpoints: list[str], stop: threading.Event,
-                     history: list[Operation], errors: list[str], lock: threading.Lock) -> None:
-    """Random puts, cas and deletes through the leader; linearizable gets through observers."""
-    rng = random.Random(client_id)
-    with Client(endpoints, timeout=2.0, deadline=3.0, read_from="observers", rng=rng) as client:
-        counter = 0
-        while not stop.is_set():
-            key, kind = rng.choice(KEYS), rng.choice(("put", "get", "get", "get", "cas"))
-            counter += 1
-            value = f"c{client_id}-{counter}"
-            expect = rng.choice([None, f"c{rng.randrange(CLIENTS)}-{rng.randrange(counter)}"])
-            call = time.monotonic()
-            fields: dict = {}
-            try:
-                if kind == "put":
-                    client.put(key, value)
-                    fields = {"value": value}
-                elif kind == "cas":
-                    result = client.cas(key, expect, value)
-                    fields = {"value": value, "expect": expect, "expect_absent": expect is None,
-                              "output": result.ok}
-                else:
-                    try:
-                        fields = {"output": client.get(key).value}
-                    except NotFound:
-                        fields = {"output": None}
-                outcome: bool | None = True
-                ret: float | None = time.monotonic()
-            except ClientUnavailable:
-                if kind == "get":
-                    continue  # a read that failed has no effect: leave it out
-                outcome, ret = None, None
-                fields = {"value": value}
-                if kind == "cas":
-                    fields.update(expect=expect, expect_absent=expect is None)
-            except ClientError as exc:  # anything else is a bug the test must show
-                errors.append(f"client {client_id}: {kind} {key}: {exc}")
-                return
-            with lock:
-                history.append(Operation(client_id, kind, key, call=call, ret=ret, ok=outcome,
-                                         **fields))
-
-
 def test_observer_reads_linearize_under_leader_and_observer_faults(start_cluster) -> None:
     """Concurrent clients writing through the leader and reading through the observers,
     while the leader is SIGKILLed and restarted, an observer SIGKILLed and restarted and
@@ -180,8 +134,11 @@ def test_observer_reads_linearize_under_leader_and_observer_faults(start_cluster
     stop, lock = threading.Event(), threading.Lock()
     history: list[Operation] = []
     errors: list[str] = []
-    threads = [threading.Thread(target=_observer_client,
-                                args=(i, cluster.endpoints, stop, history, errors, lock))
+    threads = [threading.Thread(target=history_client,
+                                args=(i, cluster.endpoints, stop, history, errors, lock),
+                                # puts and cas through the leader, gets through the observers
+                                kwargs={"kinds": ("put", "get", "get", "get", "cas"),
+                                        "read_from": "observers"})
                for i in range(CLIENTS)]
     for thread in threads:
         thread.start()
