@@ -202,13 +202,16 @@ def test_api_connections_above_the_limit_are_closed_and_counted(cluster: local.C
 def test_the_api_site_counts_its_connections() -> None:
     """The limit counts open connections: a closed one makes room for the next."""
     from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
     from twisted.internet.testing import StringTransport
     from twisted.web.resource import Resource
 
     from bwcore.api import ApiSite
 
     refused: list[int] = []
-    site = ApiSite(Resource(), max_connections=2, on_refused=lambda: refused.append(1))
+    # Its own clock: the channels' idle timers must not be left on the global reactor.
+    site = ApiSite(Resource(), max_connections=2, reactor=Clock(),
+                   on_refused=lambda: refused.append(1))
     address = IPv4Address("TCP", "127.0.0.1", 5000)
     first, second = site.buildProtocol(address), site.buildProtocol(address)
     for channel in (first, second):
