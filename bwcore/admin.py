@@ -95,8 +95,9 @@ class AdminResource(Resource):
             return leader_redirect(request, exc)
 
     async def respond(self, request: Request, path: list[str]) -> Reply:
-        """Answer an authorised request; ``path`` is the rest of the URL path, decoded."""
-        raise NotImplementedError
+        """Answer an authorised request; ``path`` is the rest of the URL path, decoded.
+        Admin routes override this; the base answers that there is no such route."""
+        raise ApiError(404, f"no such admin route: /{'/'.join(path)}")
 
     @staticmethod
     def read_json(request: Request, allowed: set[str], required: set[str] = frozenset()

@@ -176,7 +176,9 @@ class _Endpoint(Resource):
         return await self.respond(request, method)
 
     async def respond(self, request: Request, method: bytes) -> Reply:
-        raise NotImplementedError
+        """The answer to an allowed ``method``; routes that answer override this (or
+        :meth:`handle`). A route with no answer of its own does not exist: 404."""
+        raise ApiError(404, f"no such route: {_path_text(request)}")
 
 
 class _NotFound(_Endpoint):

@@ -457,3 +457,18 @@ def test_make_api_service_listens_on_the_configured_address(node: FakeNode) -> N
     assert (port, interface) == (8001, "127.0.0.1")
     assert isinstance(factory, ApiSite) and factory.max_body_bytes == MAX_BODY
     service.stopService()
+
+
+def test_a_route_with_no_answer_of_its_own_is_404(node: FakeNode) -> None:
+    """The endpoint base answers 404 as JSON rather than failing when a route does not
+    override ``respond``; admin routes likewise (after the token check)."""
+    from bwcore.admin import AdminResource
+    from bwcore.api import _Endpoint
+
+    api = ApiResource(node)
+    api.putChild(b"bare", _Endpoint(api))
+    api.putChild(b"bare-admin", AdminResource(node))
+    http = Http(api)
+    for path, method in (("/bare", "GET"), ("/bare-admin", "POST")):
+        response = http.request(method, path, b"{}")
+        assert response.status == 404 and "no such" in response.json()["error"]
