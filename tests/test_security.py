@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import time
 import urllib.request
 from typing import Iterator
 
@@ -22,6 +21,7 @@ from bwcore import cluster as local
 from bwcore.client import Client
 from bwcore.codec import Hello, encode_frame
 from bwcore.gossip_codec import Ping, WireCodec, encode_message
+from tests.integration.support import wait_for
 
 SECRET = b"a-cluster-secret-for-the-security-tests"
 ADMIN_TOKEN = "admin-token-for-the-security-tests"
@@ -83,13 +83,10 @@ def metric(node: local.NodeInfo, name: str, **labels: str) -> float:
 
 
 def wait_metric_above(node: local.NodeInfo, before: float, name: str, **labels: str) -> float:
-    give_up_at = time.monotonic() + 10
-    while True:
+    def above() -> float | None:
         value = metric(node, name, **labels)
-        if value > before:
-            return value
-        assert time.monotonic() < give_up_at, f"{name}{labels} stayed at {value}"
-        time.sleep(0.05)
+        return value if value > before else None
+    return wait_for(above, 10, f"{name}{labels} above {before}")
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = 10.0) -> bool:
@@ -116,10 +113,7 @@ def test_the_cluster_runs_with_its_secret(cluster: local.Cluster) -> None:
         with urllib.request.urlopen(node.api + "/v1/members", timeout=5) as response:
             return {m["id"] for m in json.load(response) if m["state"] == "alive"}
 
-    give_up_at = time.monotonic() + 20
-    while alive_members() != set(cluster.nodes):
-        assert time.monotonic() < give_up_at, alive_members()
-        time.sleep(0.1)
+    wait_for(lambda: alive_members() == set(cluster.nodes), 20, "every member alive")
 
 
 @pytest.mark.parametrize("data, reason", [

@@ -9,14 +9,13 @@ porcupine-style checker in bwcore.linearizability (PROTOCOL.md invariant 7).
 from __future__ import annotations
 
 import threading
-import time
 from typing import Callable
 
 import pytest
 
 from bwcore import cluster as local
 from bwcore.linearizability import Operation, check_history, render_window
-from tests.integration.support import CLIENTS, history_client
+from tests.integration.support import CLIENTS, history_client, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -40,11 +39,10 @@ def test_history_under_leader_kill_and_pause_is_linearizable(
                 return sum(1 for op in history if op.ret is not None)
 
         def run_until(count: int) -> None:
-            give_up_at = time.monotonic() + 60
-            while ops_done() < count:
+            def reached() -> bool:
                 assert not errors, errors
-                assert time.monotonic() < give_up_at, f"only {ops_done()} operations completed"
-                time.sleep(0.05)
+                return ops_done() >= count
+            wait_for(reached, 60, f"{count} completed operations")
 
         run_until(50)
         leader = local.wait_for_leader(cluster, 10)
