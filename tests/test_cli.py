@@ -23,6 +23,7 @@ from bwcore import cluster as local
 from bwcore.cli import main
 from bwcore.config import load_config
 from tests.test_client import FakeNode, dead_endpoint, nodes  # noqa: F401 - fixture
+from tests.integration.support import wait_for
 
 STAND_IN = """#!{python}
 import json, os, signal, sys, tomllib
@@ -84,13 +85,6 @@ def clusters() -> Iterator[list[local.Cluster]]:
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=10)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    give_up_at = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < give_up_at, "condition not met in time"
-        time.sleep(0.02)
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, object, str]:
@@ -245,7 +239,7 @@ def test_cluster_lifecycle(tmp_path: Path, stand_in: str, clusters: list,
     code, out, _ = run(capsys, "cluster", "stop", "--dir", folder, "--node", "n2",
                        "--signal", "KILL")
     assert (code, out["pid"]) == (0, pids["n2"])
-    wait_until(lambda: local.running_pid(cluster, "n2") is None)
+    wait_for(lambda: local.running_pid(cluster, "n2") is None, 10, "n2 to exit")
     code, out, _ = run(capsys, "cluster", "status", "--dir", folder)
     assert code == 3 and out["n2"] == "down" and out["n1"]["role"] == "leader"
 
@@ -259,7 +253,7 @@ def test_cluster_lifecycle(tmp_path: Path, stand_in: str, clusters: list,
     assert (code, out["stopped"]) == (0, ["n1", "n2", "n3"])
     assert not any(node.pidfile.exists() for node in cluster.nodes.values())
     for pid in pids.values():
-        wait_until(lambda: not local._alive(pid))
+        wait_for(lambda: not local._alive(pid), 10, f"pid {pid} to exit")
     assert run(capsys, "cluster", "up", "--dir", folder, "--python", stand_in)[0] == 3
 
 
