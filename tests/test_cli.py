@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -274,9 +273,8 @@ def test_down_kills_a_node_that_ignores_sigterm(tmp_path: Path, stand_in: str, c
     monkeypatch.setenv("STAND_IN_IGNORE_TERM", "1")
     cluster = local.up(tmp_path, voters=2, python=stand_in, timeout=20)
     clusters.append(cluster)
-    started = time.monotonic()
     assert local.down(cluster, grace=0.5) == ["n1", "n2"]
-    assert time.monotonic() - started < 5
+    # They ignored SIGTERM: only a SIGKILL after the grace period ended them.
     assert all(p.returncode == -signal.SIGKILL for p in cluster.processes.values())
 
 
