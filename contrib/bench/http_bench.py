@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from bwcore import cluster as local
+from benchlib import children_cpu_seconds, process_cpu_seconds, start_cluster, stop_cluster
 
 LUA = Path(__file__).resolve().with_name("put.lua")
-GRACE_SECONDS = 10.0
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
 
@@ -67,11 +66,6 @@ def parse_wrk(output: str) -> dict[str, Any]:
     return out
 
 
-def process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_wrk(urls: list[str], connections: int, seconds: float, args: argparse.Namespace,
             node_pids: dict[str, int]) -> dict[str, Any]:
     """Run one pinned single-threaded wrk per URL at once; merge what they report."""
@@ -80,7 +74,7 @@ def run_wrk(urls: list[str], connections: int, seconds: float, args: argparse.Na
     cpu_before = {nid: process_cpu_seconds(pid) for nid, pid in node_pids.items()}
     # Reaped children's CPU (node processes of earlier rounds too) accrues here: take the
     # difference over this run only.
-    children_before = _children_cpu_seconds()
+    children_before = children_cpu_seconds()
     started = time.perf_counter()
     processes = [
         subprocess.Popen(
@@ -94,7 +88,7 @@ def run_wrk(urls: list[str], connections: int, seconds: float, args: argparse.Na
         results.append(parse_wrk(output))
     elapsed = time.perf_counter() - started
     # wrk's CPU time (taskset execs it) is in RUSAGE_CHILDREN once communicate() reaped it.
-    wrk_cpu = _children_cpu_seconds() - children_before
+    wrk_cpu = children_cpu_seconds() - children_before
     cpu = {nid: round((process_cpu_seconds(pid) - cpu_before[nid]) / elapsed, 2)
            for nid, pid in node_pids.items()}
     statuses: dict[str, int] = {}
@@ -115,36 +109,6 @@ def run_wrk(urls: list[str], connections: int, seconds: float, args: argparse.Na
     if errors:
         merged["socket_errors"] = errors
     return merged
-
-
-def _children_cpu_seconds() -> float:
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def start_cluster(folder: Path, tick_ms: int) -> tuple[local.Cluster, str]:
-    cluster = local.plan(folder, voters=3, tick_ms=tick_ms)
-    cluster.dir.mkdir(parents=True)
-    local.write_files(cluster)
-    for node_id in cluster.nodes:
-        local.start_node(cluster, node_id)
-    leader = local.wait_for_leader(cluster, 60.0, among=list(cluster.nodes))
-    return cluster, leader
-
-
-def stop_cluster(cluster: local.Cluster) -> None:
-    processes = [p for p in cluster.processes.values() if p.poll() is None]
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-    give_up_at = time.monotonic() + GRACE_SECONDS
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, give_up_at - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def one_round(args: argparse.Namespace, folder: Path) -> dict[str, Any]:

@@ -28,7 +28,6 @@ import argparse
 import cProfile
 import json
 import os
-import resource
 import signal
 import statistics
 import subprocess
@@ -50,6 +49,7 @@ from bwcore.node import RaftNode
 from bwcore.plugins import PluginHost
 from bwcore.tap import tune_gc
 from bwraft_plugins.kv import encode_command
+from benchlib import own_cpu_seconds, process_cpu_seconds
 
 LEADER = "n1"
 KEYS = 10_000
@@ -87,15 +87,10 @@ def fsync_alone(folder: Path, count: int = 200) -> dict[str, Any]:
     return summary(samples)
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+
+
 
 
 class Bench:

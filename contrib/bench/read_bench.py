@@ -29,8 +29,6 @@ import argparse
 import json
 import os
 import re
-import resource
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,21 +39,16 @@ from typing import Any
 
 from bwcore import cluster as local
 from bwcore.client import Client
+from benchlib import children_cpu_seconds, process_cpu_seconds, start_cluster, stop_cluster
 
 LUA = Path(__file__).resolve().with_name("read.lua")
-GRACE_SECONDS = 10.0
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process, from /proc/<pid>/stat (fields 14, 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+
+
 
 
 def parse_wrk(output: str) -> dict[str, Any]:
@@ -128,29 +121,6 @@ def run_wrk(targets: list[str], consistency: str, args: argparse.Namespace,
     }
 
 
-def start_cluster(folder: Path, observers: int, tick_ms: int) -> tuple[local.Cluster, str]:
-    cluster = local.plan(folder, voters=3, observers=observers, tick_ms=tick_ms)
-    cluster.dir.mkdir(parents=True)
-    local.write_files(cluster)
-    for node_id in cluster.nodes:
-        local.start_node(cluster, node_id)
-    leader = local.wait_for_leader(cluster, 60.0, among=list(cluster.nodes))
-    return cluster, leader
-
-
-def stop_cluster(cluster: local.Cluster) -> None:
-    processes = [p for p in cluster.processes.values() if p.poll() is None]
-    for process in processes:
-        process.send_signal(signal.SIGTERM)
-    give_up_at = time.monotonic() + GRACE_SECONDS
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, give_up_at - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
 def load_keys(cluster: local.Cluster, leader: str, keys: int, observers: list[str]) -> None:
     """Write k0..k<keys-1> and wait until every observer has applied them."""
     with Client([cluster.nodes[leader].api], deadline=60.0) as client:
@@ -167,7 +137,7 @@ def load_keys(cluster: local.Cluster, leader: str, keys: int, observers: list[st
 
 
 def one_cluster(observers: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
-    cluster, leader = start_cluster(folder, observers, args.tick_ms)
+    cluster, leader = start_cluster(folder, args.tick_ms, observers=observers)
     try:
         pids = {nid: p.pid for nid, p in cluster.processes.items()}
         helper_ids = [n.id for n in cluster.nodes.values() if n.role == "observer"]

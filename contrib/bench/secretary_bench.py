@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import socket
 import statistics
 import sys
@@ -47,6 +46,7 @@ from pathlib import Path
 from bwcore import cluster as local
 from bwcore.codec import Hello, encode_frame
 from bwcore.kernel import Message, MessageType
+from benchlib import process_cpu_seconds
 
 LEADER = "n1"
 WAIT_S = 90.0
@@ -86,11 +86,6 @@ def scrape(cluster: local.Cluster, node_id: str) -> dict[str, float]:
             base = name.split("{", 1)[0]
             out[base] = out.get(base, 0.0) + float(value)
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait(condition, timeout: float, what: str):
@@ -187,12 +182,12 @@ def run(base: Path, followers: int, with_secretary: bool, args: argparse.Namespa
         load(api, min(500, args.writes), args.clients, value, "warm")
         pid = cluster.processes[LEADER].pid
         before, commit0, cpu0 = scrape(cluster, LEADER), status(cluster, LEADER)[
-            "commit_index"], cpu_seconds(pid)
+            "commit_index"], process_cpu_seconds(pid)
         started = time.monotonic()
         load(api, args.writes, args.clients, value, "k")
         seconds = time.monotonic() - started
         after, commit1, cpu1 = scrape(cluster, LEADER), status(cluster, LEADER)[
-            "commit_index"], cpu_seconds(pid)
+            "commit_index"], process_cpu_seconds(pid)
         if status(cluster, LEADER).get("role") != "leader":
             raise SystemExit("the leader changed during the run")
         committed = commit1 - commit0
