@@ -127,6 +127,7 @@ class SecretaryPlugin:
         "rehire_after_ms": 0,          # 0: two election timeouts
         "window": 4096,
         "max_report_delay_ms": 2.0,
+        "commit_delay_ms": 2.0,
         "split": "rendezvous",
         "datacenters": [],
         "exclude_datacenters": [],
@@ -138,8 +139,9 @@ class SecretaryPlugin:
                 raise ValueError(f"{key} must be 0 (automatic) or positive")
         if settings["window"] < 1:
             raise ValueError("window must be at least 1 entry")
-        if settings["max_report_delay_ms"] < 0:
-            raise ValueError("max_report_delay_ms must not be negative")
+        for key in ("max_report_delay_ms", "commit_delay_ms"):
+            if settings[key] < 0:
+                raise ValueError(f"{key} must not be negative")
         if settings["split"] not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}")
         for key in ("datacenters", "exclude_datacenters"):
@@ -152,6 +154,7 @@ class SecretaryPlugin:
         self.service: SecretaryService | None = None
         self.malformed = 0
         self._checker: task.LoopingCall | None = None
+        self._held_call: Any = None
         self._log = get_logger()
 
     # -- start and stop ----------------------------------------------------------------------
@@ -172,7 +175,8 @@ class SecretaryPlugin:
             window=s["window"],
             max_frame_bytes=max(1, config.limits.max_frame_bytes // 2),
             split=s["split"], datacenters=frozenset(s["datacenters"]),
-            exclude_datacenters=frozenset(s["exclude_datacenters"]))
+            exclude_datacenters=frozenset(s["exclude_datacenters"]),
+            commit_delay=s["commit_delay_ms"] / 1000)
 
     @hookimpl(tryfirst=True)
     def bwraft_role_service(self, node: Any) -> SecretaryService | None:
@@ -221,6 +225,8 @@ class SecretaryPlugin:
     def bwraft_node_stopping(self, node: Any) -> None:
         if self._checker is not None and self._checker.running:
             self._checker.stop()
+        if self._held_call is not None and self._held_call.active():
+            self._held_call.cancel()
 
     # -- leader and follower sides -----------------------------------------------------------
 
@@ -245,9 +251,11 @@ class SecretaryPlugin:
         now = node.reactor.seconds()
         if self._leading(node):
             assert self.leader is not None
-            for secretary, payload in self.leader.route(messages, now):
-                if not node.send_plugin_frame(secretary, wire.PLUGIN, payload):
-                    self._took_back(node, self.leader.send_failed(secretary, now))
+            self._send_batches(node, self.leader.route(messages, now), now)
+            held_until = self.leader.held_until
+            if held_until is not None and self._held_call is None:
+                self._held_call = node.reactor.callLater(max(0.0, held_until - now),
+                                                         self._flush_held)
         if self.follower is not None:
             picked = self.follower.take_replies(messages, now)
             if picked is not None:
@@ -255,6 +263,20 @@ class SecretaryPlugin:
                 if node.send_plugin_frame(secretary, wire.PLUGIN, payload):
                     gone = {id(m) for m in replies}
                     messages[:] = [m for m in messages if id(m) not in gone]
+
+    def _send_batches(self, node: Any, frames: list[tuple[str, list[Any]]], now: float) -> None:
+        assert self.leader is not None
+        for secretary, payload in frames:
+            if not node.send_plugin_frame(secretary, wire.PLUGIN, payload):
+                self._took_back(node, self.leader.send_failed(secretary, now))
+
+    def _flush_held(self) -> None:
+        """The commit notices no batch took along in time go in frames of their own."""
+        self._held_call = None
+        node = self.node
+        if node is not None and self.leader is not None and self._leading(node):
+            now = node.reactor.seconds()
+            self._send_batches(node, self.leader.flush_held(now, force=True), now)
 
     def _check_deadlines(self) -> None:
         node = self.node
@@ -372,6 +394,9 @@ class _Collector:
                           "Distinct entries the leader sent in BATCH frames.", st.sent_entries)
             yield counter("leader_reports", "REPORT frames accepted from secretaries.",
                           st.reports)
+            yield counter("leader_folded_notices",
+                          "Entry-less APPENDs (commit notices) replaced by a later APPEND.",
+                          st.folded_notices)
             yield counter("leader_stale_reports",
                           "REPORT frames ignored: another term, or not a hired secretary.",
                           st.stale_reports)

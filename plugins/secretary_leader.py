@@ -49,6 +49,10 @@ class RelaySettings:
             a stable hash of both ids; ``"single"``: all followers of a datacenter go to one.
         datacenters: Datacenters where secretaries are used (empty: all).
         exclude_datacenters: Datacenters where they are never used.
+        commit_delay: How long an APPEND that carries no entries (the kernel's notice that
+            the commit index moved) may wait for the next batch to the same secretary before
+            it goes in a frame of its own; an APPEND to the same follower meanwhile replaces
+            it. 0 sends every notice at once.
     """
 
     reply_deadline: float = 0.3
@@ -58,6 +62,7 @@ class RelaySettings:
     split: str = "rendezvous"
     datacenters: frozenset[str] = frozenset()
     exclude_datacenters: frozenset[str] = frozenset()
+    commit_delay: float = 0.0
 
     def uses(self, datacenter: str) -> bool:
         if datacenter in self.exclude_datacenters:
@@ -98,6 +103,7 @@ class LeaderStats:
     reports: int = 0                # REPORT frames accepted
     replies: int = 0                # replies stepped from reports
     stale_reports: int = 0          # REPORT frames of another term, or from a stranger
+    folded_notices: int = 0         # entry-less APPENDs replaced by a later APPEND
     takebacks: dict[str, int] = field(default_factory=dict)   # by reason
 
 
@@ -148,6 +154,10 @@ class LeaderRelay:
         self._assignment: dict[str, str | None] = {}
         self._assignment_expires = float("inf")
         self._pending_takebacks: list[TakeBack] = []
+        #: follower -> its latest entry-less APPEND, waiting for the next batch (commit_delay).
+        self._held: dict[str, Message] = {}
+        #: When the held APPENDs must go out at the latest (None: nothing is held).
+        self.held_until: float | None = None
 
     # -- membership (gossip) ---------------------------------------------------------------
 
@@ -187,6 +197,7 @@ class LeaderRelay:
             # A new term: nothing of the old one carries over but what gossip told us, and
             # how each secretary behaved (benches).
             self.term = term
+            self._drop_held()
             self._served.clear()
             self._direct_until.clear()
             self._waiting_since.clear()
@@ -255,24 +266,76 @@ class LeaderRelay:
         if not self.ready:
             return []
         me, term = self.node_id, self.term
+        hold = self.settings.commit_delay > 0
         taken: dict[str, list[Message]] = {}
         keep: list[Message] = []
         for m in messages:
             sec = None
             if m.frm == me and m.term == term and m.type in wire.REQUESTS:
                 sec = self.secretary_for(m.to, now)
-            if sec is not None and wire.appendable(m):
-                taken.setdefault(sec, []).append(m)
-            else:
+            if sec is None or not wire.appendable(m):
                 keep.append(m)
-        if not taken:
+            elif hold and m.type is wire.MT.APPEND:
+                # The commit index reaches a follower with any later APPEND (Raft §5.3: it
+                # commits up to min(leaderCommit, its last new entry)); under load the next
+                # batch comes within a few milliseconds, and one frame and one report per
+                # batch are saved. A message replaced is one the network lost: always safe.
+                if self._held.pop(m.to, None) is not None:
+                    self.stats.folded_notices += 1
+                if m.entries:
+                    taken.setdefault(sec, []).append(m)
+                else:
+                    self._held[m.to] = m
+                    if self.held_until is None:
+                        self.held_until = now + self.settings.commit_delay
+            else:
+                taken.setdefault(sec, []).append(m)
+        if taken and self._held:
+            # A frame goes to these secretaries anyway: held notices ride along for free
+            # (first: they are older than anything else this batch has for their follower).
+            for target in list(self._held):
+                sec = self.secretary_for(target, now)
+                if sec in taken:
+                    taken[sec].insert(0, self._held.pop(target))
+        if not self._held:
+            self.held_until = None
+        if len(keep) == len(messages):
             return []
+        frames = self._frames(taken, keep, now)
+        messages[:] = keep
+        return frames
+
+    def flush_held(self, now: float, *, force: bool = False) -> list[tuple[str, list[Any]]]:
+        """The frames of the held commit notices whose wait is over (``force``: all now).
+
+        A notice whose follower no longer goes through a secretary is dropped: taking a
+        follower back makes the kernel probe it again, which tells it the commit index too.
+        """
+        if self.held_until is None or (now < self.held_until and not force):
+            return []
+        held, self._held, self.held_until = self._held, {}, None
+        if not self.ready:
+            return []
+        taken: dict[str, list[Message]] = {}
+        for target, m in held.items():
+            sec = self.secretary_for(target, now)
+            if sec is not None and m.term == self.term:
+                taken.setdefault(sec, []).append(m)
+        return self._frames(taken, [], now)
+
+    def _drop_held(self, targets: Iterable[str] | None = None) -> None:
+        for target in list(self._held) if targets is None else targets:
+            self._held.pop(target, None)
+        if not self._held:
+            self.held_until = None
+
+    def _frames(self, taken: dict[str, list[Message]], keep: list[Message],
+                now: float) -> list[tuple[str, list[Any]]]:
         frames = []
         for sec, msgs in taken.items():
             track = self._secretaries.setdefault(sec, _Secretary(sec))
             for chunk in self._chunks(msgs, keep):
                 frames.append((sec, self._batch(track, chunk, now)))
-        messages[:] = keep
         return frames
 
     def _chunks(self, msgs: list[Message], keep: list[Message]) -> Iterable[list[Message]]:
@@ -374,6 +437,7 @@ class LeaderRelay:
         does not run the relay. The while doubles with each time in a row."""
         secretary = self._served.pop(target, None)
         self._waiting_since.pop(target, None)
+        self._drop_held([target])
         if secretary is None:
             return []
         misses = self._silent[target] = self._silent.get(target, 0) + 1
@@ -401,6 +465,7 @@ class LeaderRelay:
             track.benched_until = now + self.settings.rehire_after * factor
         self._assignment.clear()
         targets = tuple(sorted(t for t, s in self._served.items() if s == secretary))
+        self._drop_held(targets)
         for t in targets:
             del self._served[t]
             self._waiting_since.pop(t, None)

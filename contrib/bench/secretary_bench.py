@@ -64,6 +64,8 @@ class Result:
     cpu_per_10k_writes: float
     writes_per_second: float
     relayed_entries: float
+    entries_per_save: float
+    readies_per_write: float
 
 
 def status(cluster: local.Cluster, node_id: str) -> dict:
@@ -203,7 +205,10 @@ def run(base: Path, followers: int, with_secretary: bool, args: argparse.Namespa
                                      / committed, 3),
             cpu_per_10k_writes=round((cpu1 - cpu0) / args.writes * 10_000, 2),
             writes_per_second=round(args.writes / seconds, 1),
-            relayed_entries=delta("bwraft_secretary_leader_relayed_entries_total"))
+            relayed_entries=delta("bwraft_secretary_leader_relayed_entries_total"),
+            entries_per_save=round(delta("bwraft_storage_save_entries_sum")
+                                   / max(1.0, delta("bwraft_storage_save_entries_count")), 2),
+            readies_per_write=round(delta("bwraft_readies_total") / args.writes, 3))
     finally:
         local.down(cluster, grace=10.0)
 

@@ -291,6 +291,58 @@ def test_gossip_takes_back_at_once_and_a_new_term_starts_clean():
     assert core.check(10.0) == [] and core.route([heartbeat("f1")], 10.0) == []
 
 
+def targets_of(frames) -> list[tuple[str, str, int, int]]:
+    """(secretary, follower, prev index, entry count) of every message in ``frames``."""
+    return [(sec, t.to, t.index, t.count)
+            for sec, payload in frames for t in wire.decode_batch(through_wire(payload)).targets]
+
+
+def test_commit_notice_waits_for_the_next_batch_and_is_replaced_by_it():
+    core = leader_core(commit_delay=0.002)
+    notices = [append("f0", 12, 0, commit=12), append("f1", 12, 0, commit=12)]
+    batch = list(notices)
+    assert core.route(batch, 1.0) == []
+    assert batch == [notices[0]]                  # west: direct and at once; f1's waits
+    assert core.held_until == pytest.approx(1.002)
+    # The next batch to f1 carries a newer commit index: the notice is dropped, not sent.
+    frames = core.route([append("f1", 12, 2, commit=12)], 1.001)
+    assert targets_of(frames) == [("s1", "f1", 12, 2)]
+    assert core.stats.folded_notices == 1 and core.held_until is None
+    assert core.flush_held(1.01) == []
+
+
+def test_commit_notice_rides_along_or_goes_alone_when_its_wait_is_over():
+    core = leader_core(commit_delay=0.002)
+    core.route([append("f1", 12, 0, commit=12), append("f2", 12, 0, commit=12)], 1.0)
+    # A heartbeat to f2 is no APPEND: both notices ride in its frame, f2's before it.
+    frames = core.route([heartbeat("f2", commit=12)], 1.0005)
+    assert targets_of(frames) == [("s1", "f2", 12, 0), ("s1", "f1", 12, 0), ("s1", "f2", 0, 0)]
+    assert core.held_until is None
+    core.route([append("f3", 12, 0, commit=12)], 1.001)
+    assert core.flush_held(1.0025) == []          # still within its wait
+    assert targets_of(core.flush_held(1.003)) == [("s1", "f3", 12, 0)]
+    assert core.flush_held(1.01) == []
+
+
+def test_held_commit_notices_are_dropped_when_their_follower_is_taken_back_or_the_term_ends():
+    core = leader_core(commit_delay=0.002)
+    core.route([heartbeat("f1")], 1.0)
+    core.route([append("f1", 12, 0, commit=12)], 1.0)
+    [tb] = core.member_changed(DirectoryEntry("s1", "secretary", "east", "dead"), 1.001)
+    assert tb.targets == ("f1",)
+    assert core.held_until is None and core.flush_held(1.0, force=True) == []
+    core.member_changed(DirectoryEntry("s1", "secretary", "east", "alive"), 1.1)
+    core.route([append("f2", 12, 0, commit=12)], 1.1)
+    core.set_leadership(TERM + 1, True)
+    assert core.held_until is None and core.flush_held(2.0, force=True) == []
+
+
+def test_without_commit_delay_notices_go_at_once():
+    core = leader_core()
+    frames = core.route([append("f1", 12, 0, commit=12)], 1.0)
+    assert targets_of(frames) == [("s1", "f1", 12, 0)] and core.held_until is None
+
+
 # -- the secretary's core ---------------------------------------------------------------------
 
 

@@ -237,6 +237,29 @@ def test_report_waits_at_most_max_report_delay():
     assert wire.decode_report(report, "L").ack_seq == 1
 
 
+def test_commit_notice_leaves_alone_after_commit_delay_unless_a_batch_takes_it_first():
+    net, leader, follower, secretary = cluster({"commit_delay_ms": 3.0})
+    notice = Message(MT.APPEND, "F1", "L", TERM, log_term=TERM, index=6, commit=6)
+    assert leader.route([notice]) == []        # held: nothing sent yet
+    net.clock.advance(0.002)
+    assert net.deliver() == 0
+    net.clock.advance(0.0015)                  # its wait is over: a frame of its own
+    net.deliver()
+    assert follower.stepped == [notice]
+    # A later APPEND within the wait replaces the next notice: one frame, the newer message.
+    newer = Message(MT.APPEND, "F1", "L", TERM, log_term=TERM, index=6, commit=7,
+                    entries=(Entry(TERM, 7, b"y"),))
+    sent_before = len(leader.sent)
+    leader.route([Message(MT.APPEND, "F1", "L", TERM, log_term=TERM, index=6, commit=6)])
+    leader.route([newer])
+    net.clock.advance(0.01)
+    net.deliver()
+    assert len(leader.sent) == sent_before + 1     # one BATCH, with the newer message only
+    assert follower.stepped == [notice, newer]
+    assert "bwraft_secretary_leader_folded_notices_total 1.0" in generate_latest(
+        leader.registry).decode()
+
+
 def test_dead_secretary_is_taken_back_by_the_deadline_timer():
     """No report within the deadline (30% of the 1 s election timeout): the leader probes the
     follower again and tells it to answer directly."""
