@@ -16,6 +16,10 @@ metadata and drops the log prefix in one short transaction. An image is durable 
 record names it; images older than the named one are removed once it is named, and when
 the store opens.
 
+On SQLite a Ready without a snapshot — the common one — is saved straight on a DBAPI
+connection of its own (:mod:`bwraft_plugins.sql_direct`), without SQLAlchemy's per-statement
+Python work; everything else goes through SQLAlchemy Core.
+
 Threading: the node calls :meth:`SqlStorage.load` at start and ``save``/``compact`` from one
 writer thread; every method is also safe to call from any other thread (calls are serialized
 by a lock, and :meth:`SqlStorage.log_stats` answers from memory without waiting for it).
@@ -28,7 +32,6 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,14 @@ from bwcore.hookspecs import hookimpl
 from bwcore.kernel import Entry, HardState, Snapshot, SnapshotMeta
 from bwcore.storage import PersistedState, StorageError
 from bwraft_plugins.snapshot_files import ImageFiles
+from bwraft_plugins.sql_direct import (
+    INSERT_ENTRIES,
+    DirectWriter,
+    LogShape,
+    appended,
+    check_append,
+    shape_of,
+)
 from bwraft_plugins.sql_images import SnapshotImages
 from bwraft_plugins.sql_schema import (
     ENTRY_INDEX,
@@ -59,18 +70,6 @@ from bwraft_plugins.sql_schema import (
 __all__ = ["SCHEMA_VERSION", "SqlStorage", "SqlStoragePlugin"]
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class _LogShape:
-    """What the writer must know about the stored log to validate and count a write."""
-
-    snapshot_index: int
-    snapshot_term: int
-    last_index: int  # == snapshot_index when no entry is stored
-    count: int
-    size: int
-    image: int = 0  # the stored snapshot's image id (0: no snapshot)
 
 
 class SqlStorage:
@@ -107,7 +106,7 @@ class SqlStorage:
             ) from exc
         self._lock = threading.Lock()
         self._schema_checked = False
-        self._shape: _LogShape | None = None
+        self._shape: LogShape | None = None
         self._closed = False
         # Images: files beside a SQLite database file, else rows of snapshot_images.
         files = None
@@ -116,6 +115,8 @@ class SqlStorage:
             files = ImageFiles(database.with_name(f"{database.stem}-snapshots"))
         self._images = SnapshotImages(self._where, files, self._transaction,
                                       self._lock if self._is_sqlite else None)
+        # SQLite: a Ready without a snapshot goes straight to a DBAPI connection of its own.
+        self._direct = DirectWriter(self._engine, self._where) if self._is_sqlite else None
 
     @property
     def where(self) -> str:
@@ -145,7 +146,7 @@ class SqlStorage:
                                               int(row.crc32))
             state = decode_state(self._where, hard_rows, snapshot_rows, entry_rows, image)
             meta = state.snapshot.meta if state.snapshot else SnapshotMeta()
-            self._shape = _LogShape(
+            self._shape = LogShape(
                 snapshot_index=meta.index,
                 snapshot_term=meta.term,
                 last_index=state.entries[-1].index if state.entries else meta.index,
@@ -163,11 +164,14 @@ class SqlStorage:
     ) -> None:
         """Persist one Ready in one transaction (see :meth:`bwcore.storage.Storage.save`)."""
         _check_contiguous(entries)
+        if snapshot is None and self._direct is not None:
+            self._save_direct(hard_state, entries)
+            return
         if snapshot is not None and snapshot.meta.index < 1:
             raise ValueError(f"a snapshot must cover index 1 or more, not {snapshot.meta.index}")
         image = self._claim_image(snapshot) if snapshot is not None else None
 
-        def write(conn: Connection, shape: _LogShape) -> _LogShape:
+        def write(conn: Connection, shape: LogShape) -> LogShape:
             if snapshot is not None and image is not None:
                 shape = self._install_snapshot(conn, shape, snapshot, image)
             if entries:
@@ -185,7 +189,7 @@ class SqlStorage:
             raise ValueError(f"a snapshot must cover index 1 or more, not {index}")
         image = self._claim_image(snapshot)
 
-        def write(conn: Connection, shape: _LogShape) -> _LogShape:
+        def write(conn: Connection, shape: LogShape) -> LogShape:
             if index < shape.snapshot_index:
                 raise ValueError(
                     f"cannot compact to index {index}: the stored snapshot is at "
@@ -211,7 +215,7 @@ class SqlStorage:
             ).one()
             conn.execute(delete(entries_table).where(ENTRY_INDEX <= index))
             self._put_snapshot(conn, snapshot.meta, image)
-            return _LogShape(
+            return LogShape(
                 snapshot_index=index,
                 snapshot_term=term,
                 last_index=shape.last_index,
@@ -254,7 +258,11 @@ class SqlStorage:
         with self._lock:
             if not self._closed:
                 self._closed = True
-                self._engine.dispose()
+                try:
+                    if self._direct is not None:
+                        self._direct.close()
+                finally:
+                    self._engine.dispose()
         self._images.close()
 
     # ---------------------------------------------------------------- diagnostics
@@ -295,7 +303,7 @@ class SqlStorage:
         except SQLAlchemyError as exc:
             raise StorageError(f"{self._where}: cannot {action}: {reason(exc)}") from exc
 
-    def _write(self, action: str, body: Callable[[Connection, _LogShape], _LogShape],
+    def _write(self, action: str, body: Callable[[Connection, LogShape], LogShape],
                image: tuple[int, int, int] | None = None) -> None:
         """Run ``body`` in a write transaction and remember the log shape it returns.
 
@@ -324,6 +332,21 @@ class SqlStorage:
             self._shape = new_shape
             self._images.named_durably(named)
 
+    def _save_direct(self, hard_state: HardState | None, entries: Sequence[Entry]) -> None:
+        """Save a Ready without a snapshot on SQLite: the transaction :meth:`_write` would run,
+        with the same checks and errors, on the DBAPI connection of :mod:`.sql_direct`. It
+        names no image, so the images are left alone (as ``named_in(conn, 0)`` would)."""
+        assert self._direct is not None
+        with self._lock:
+            self._open()
+            if self._closed:
+                raise StorageError(f"{self._where}: cannot save a Ready: the storage is closed")
+            try:
+                self._shape = self._direct.save(self._shape, hard_state, entries)
+            except BaseException:
+                self._shape = None  # refused or failed: the next call asks the database
+                raise
+
     def _open(self) -> None:
         """Check (or create) the schema once, and remove images older than the named one.
         Called with the lock held."""
@@ -351,9 +374,9 @@ class SqlStorage:
     # ---------------------------------------------------------------- writes
 
     def _install_snapshot(
-        self, conn: Connection, shape: _LogShape, snapshot: Snapshot,
+        self, conn: Connection, shape: LogShape, snapshot: Snapshot,
         image: tuple[int, int, int],
-    ) -> _LogShape:
+    ) -> LogShape:
         meta = snapshot.meta
         if meta.index < shape.snapshot_index:
             raise ValueError(
@@ -362,16 +385,11 @@ class SqlStorage:
             )
         self._put_snapshot(conn, meta, image)
         conn.execute(delete(entries_table))
-        return _LogShape(meta.index, meta.term, meta.index, 0, 0, image[0])
+        return LogShape(meta.index, meta.term, meta.index, 0, 0, image[0])
 
-    def _append(self, conn: Connection, shape: _LogShape, entries: Sequence[Entry]) -> _LogShape:
+    def _append(self, conn: Connection, shape: LogShape, entries: Sequence[Entry]) -> LogShape:
         first = entries[0].index
-        if first <= shape.snapshot_index:
-            raise ValueError(
-                f"entries start at {first}, at or below the snapshot index {shape.snapshot_index}"
-            )
-        if first > shape.last_index + 1:
-            raise ValueError(f"entries start at {first}, leaving a gap after {shape.last_index}")
+        check_append(shape, first)
         dropped, dropped_size = 0, 0
         if first <= shape.last_index:
             # A conflicting suffix (Raft §5.3): the new entries replace it.
@@ -383,7 +401,8 @@ class SqlStorage:
             # Straight to sqlite3's executemany: SQLAlchemy's per-row parameter processing
             # cost the leader's writer thread more, under the GIL, than the insert itself.
             conn.exec_driver_sql(
-                _SQLITE_INSERT_ENTRIES, [(e.index, e.term, int(e.type), e.data) for e in entries]
+                INSERT_ENTRIES,
+                [(e.index, e.term, int(e.type), e.data) for e in entries],
             )
         else:
             conn.execute(
@@ -393,14 +412,7 @@ class SqlStorage:
                     for e in entries
                 ],
             )
-        return _LogShape(
-            snapshot_index=shape.snapshot_index,
-            snapshot_term=shape.snapshot_term,
-            last_index=entries[-1].index,
-            count=shape.count - dropped + len(entries),
-            size=shape.size - int(dropped_size) + sum(len(e.data) for e in entries),
-            image=shape.image,
-        )
+        return appended(shape, entries, int(dropped), int(dropped_size))
 
     def _put_hard_state(self, conn: Connection, hard_state: HardState) -> None:
         result = conn.execute(
@@ -431,18 +443,12 @@ class SqlStorage:
 
     # ---------------------------------------------------------------- reads and checks
 
-    def _query_shape(self, conn: Connection) -> _LogShape:
+    def _query_shape(self, conn: Connection) -> LogShape:
         row = conn.execute(
             select(snapshot_table.c["index"], snapshot_table.c.term, snapshot_table.c.image)
         ).first()
-        snapshot_index, snapshot_term, image = (
-            (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
-        )
-        last, count, size = conn.execute(
-            select(func.max(ENTRY_INDEX), func.count(), ENTRY_SIZE)
-        ).one()
-        last_index = snapshot_index if last is None else int(last)
-        return _LogShape(snapshot_index, snapshot_term, last_index, int(count), int(size), image)
+        log_row = conn.execute(select(func.max(ENTRY_INDEX), func.count(), ENTRY_SIZE)).one()
+        return shape_of(row, log_row)
 
 
 class SqlStoragePlugin:
@@ -472,10 +478,6 @@ class SqlStoragePlugin:
 
 
 # -------------------------------------------------------------------- helpers
-
-
-#: The entries insert on SQLite, in sqlite3's own parameter style (qmark).
-_SQLITE_INSERT_ENTRIES = 'INSERT INTO entries ("index", term, type, data) VALUES (?, ?, ?, ?)'
 
 
 def _check_contiguous(entries: Sequence[Entry]) -> None:
