@@ -342,8 +342,9 @@ class LeaderRelay:
         """Split one secretary's messages so that no frame exceeds the window or byte cap; a
         message too big on its own goes directly (``keep``)."""
         window, cap = self.settings.window, self.settings.max_frame_bytes
-        sizes = {e.index: len(e.data) + 16 for m in msgs for e in m.entries}
-        if len(sizes) <= window and sum(sizes.values()) <= cap:
+        distinct = wire.distinct_entries(msgs)
+        if len(distinct) <= window \
+                and sum(len(e.data) + 16 for e in distinct.values()) <= cap:
             yield msgs   # the usual case: every follower needs the same few new entries
             return
         chunk: list[Message] = []
@@ -384,7 +385,7 @@ class LeaderRelay:
         st.frames += 1
         st.relayed_messages += len(msgs)
         st.relayed_entries += sum(len(m.entries) for m in msgs)
-        st.sent_entries += len({e.index for m in msgs for e in m.entries})
+        st.sent_entries += len(wire.distinct_entries(msgs))
         return payload
 
     def send_failed(self, secretary: str, now: float) -> list[TakeBack]:

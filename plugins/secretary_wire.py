@@ -38,7 +38,8 @@ from bwcore.kernel import Entry, EntryType, Message, MessageType as MT
 
 __all__ = [
     "PLUGIN", "Batch", "Kind", "Relay", "Replies", "Report", "WireError", "decode_batch",
-    "decode_direct", "decode_relay", "decode_replies", "decode_report", "encode_batch",
+    "decode_direct", "decode_relay", "decode_replies", "decode_report", "distinct_entries",
+    "encode_batch",
     "encode_direct", "encode_relay", "encode_replies", "encode_report", "kind_of",
 ]
 
@@ -202,11 +203,31 @@ class Batch:
 
 
 def appendable(m: Message) -> bool:
-    """Whether ``m`` can travel in a BATCH: its entries follow ``index`` without gaps."""
+    """Whether ``m`` can travel in a BATCH: its entries are ``index + 1 .. index + count``.
+
+    Only the ends are looked at: the leader's messages carry slices of its log, whose indexes
+    are consecutive by construction, and a batch is rebuilt on the far side by these numbers
+    alone (the secretary checks that every target's entries are in the batch).
+    """
     if m.type not in REQUESTS:
         return False
-    first = m.index + 1
-    return all(e.index == first + k for k, e in enumerate(m.entries))
+    entries = m.entries
+    return not entries or (entries[0].index == m.index + 1
+                           and entries[-1].index == m.index + len(entries))
+
+
+def distinct_entries(messages: Iterable[Message]) -> dict[int, Entry]:
+    """Index -> entry over ``messages``' entries; messages of one batch mostly carry the same
+    slice of the log, which is looked at once."""
+    distinct: dict[int, Entry] = {}
+    seen: set[tuple[int, int]] = set()
+    for m in messages:
+        span = (m.index, len(m.entries))
+        if span[1] and span not in seen:
+            seen.add(span)
+            for e in m.entries:
+                distinct.setdefault(e.index, e)
+    return distinct
 
 
 def encode_batch(seq: int, term: int, leader: str, messages: Sequence[Message],
@@ -215,13 +236,9 @@ def encode_batch(seq: int, term: int, leader: str, messages: Sequence[Message],
 
     Entries several messages share travel once.
     """
-    distinct: dict[int, Entry] = {}
-    targets = []
-    for m in messages:
-        for e in m.entries:
-            distinct.setdefault(e.index, e)
-        targets.append([int(m.type), m.to, m.log_term, m.index, len(m.entries), m.commit,
-                        m.context])
+    distinct = distinct_entries(messages)
+    targets = [[int(m.type), m.to, m.log_term, m.index, len(m.entries), m.commit, m.context]
+               for m in messages]
     runs: list[list[Any]] = []
     run_start, run = -2, None
     for index in sorted(distinct):

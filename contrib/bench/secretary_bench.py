@@ -3,25 +3,28 @@
 For each N in ``--followers`` (default 2 4 8) this starts two local clusters of ``twistd -n
 bwraft`` processes on 127.0.0.1, one after the other: datacenter ``west`` holds the leader
 ``n1`` and one follower, datacenter ``east`` holds N followers — and, in the second cluster, one
-secretary. Every node uses the default storage (SQLite, ``synchronous=FULL``). Clients
-(``--clients`` threads, one keep-alive HTTP connection each) send ``--writes`` KV writes of
-``--value-bytes`` bytes to the leader's API. Measured at the leader, over the timed writes only:
+secretary. Every node uses the default storage (SQLite, ``synchronous=FULL``). ``wrk`` (one
+thread pinned to CPU ``--wrk-cpu`` with ``taskset``, ``--clients`` keep-alive connections,
+``contrib/bench/put.lua``) sends KV writes of ``--value-bytes`` bytes to the leader's API for
+``--seconds`` (after a one-second warm-up). Measured at the leader, over the timed run only:
 
 - bytes and messages the leader's peer transport sent per committed entry
   (``bwraft_transport_sent_bytes_total`` / ``_messages_total`` on its /metrics, all peers,
   divided by the growth of its commit index: heartbeats included);
 - the leader process's CPU seconds per 10,000 writes (utime + stime from /proc/<pid>/stat);
-- write throughput (acknowledged writes per second of wall time).
+- write throughput (acknowledged writes per second of wall time), and wrk's CPU share.
 
 The leader is placed in ``west`` the way a leadership transfer ends (Raft dissertation §3.10):
 a TIMEOUT_NOW in the current term sent to ``n1`` over the peer protocol.
 
 Usage::
 
-    python contrib/bench/secretary_bench.py [--followers 0 2 4 8] [--writes 3000]
-        [--clients 16] [--value-bytes 1024] [--tick-ms 100] [--repeat 3] [--json FILE]
+    python contrib/bench/secretary_bench.py [--followers 0 2 4 8] [--seconds 10]
+        [--clients 16] [--value-bytes 1024] [--tick-ms 100] [--repeat 3] [--wrk-cpu 1]
+        [--json FILE]
 
-``--followers 0`` adds the floor: the leader alone, same writes, no replication at all.
+Needs ``wrk`` (Debian: ``apt-get install wrk``). ``--followers 0`` adds the floor: the leader
+alone, same load, no replication at all.
 ``--repeat R`` runs each configuration R times, alternating with and without a secretary, and
 reports the median of each figure (CPU figures on a shared machine move by 10-20% from run to
 run). It prints a Markdown table (the one in docs/benchmarks.md, "Secretaries") and, with
@@ -33,11 +36,12 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass, replace
@@ -46,7 +50,8 @@ from pathlib import Path
 from bwcore import cluster as local
 from bwcore.codec import Hello, encode_frame
 from bwcore.kernel import Message, MessageType
-from benchlib import process_cpu_seconds
+from benchlib import children_cpu_seconds, process_cpu_seconds
+from http_bench import LUA, parse_wrk
 
 LEADER = "n1"
 WAIT_S = 90.0
@@ -64,6 +69,7 @@ class Result:
     cpu_per_10k_writes: float
     writes_per_second: float
     relayed_entries: float
+    wrk_cpu_share: float
     entries_per_save: float
     readies_per_write: float
 
@@ -115,44 +121,20 @@ def make_leader(cluster: local.Cluster, target: str, voters: list[str]) -> None:
     raise SystemExit(f"{target} never became leader")
 
 
-def load(api: str, writes: int, clients: int, value: str, prefix: str) -> None:
-    """``writes`` PUTs over ``clients`` keep-alive connections; every one must succeed."""
-    url = urllib.parse.urlsplit(api)
-    body = json.dumps({"value": value}).encode()
-    counter = iter(range(writes))
-    lock = threading.Lock()
-    errors: list[str] = []
-
-    def worker() -> None:
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-        while True:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                break
-            for _ in range(5):
-                try:
-                    conn.request("PUT", f"/v1/kv/{prefix}{i % 10_000}", body,
-                                 {"Content-Type": "application/json"})
-                    response = conn.getresponse()
-                    response.read()
-                    if response.status == 200:
-                        break
-                    time.sleep(0.05)
-                except (OSError, http.client.HTTPException):
-                    conn.close()
-                    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-            else:
-                errors.append(f"write {i} failed")
-        conn.close()
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise SystemExit(f"{len(errors)} writes failed, e.g. {errors[0]}")
+def drive(api: str, seconds: float, args: argparse.Namespace) -> tuple[int, float]:
+    """Run wrk against ``api`` for ``seconds``: (writes answered 200, wrk's CPU seconds).
+    Any other answer means the run is void (a leader change, an overload): it stops here."""
+    env = dict(os.environ, VALUE_BYTES=str(args.value_bytes))
+    before = children_cpu_seconds()
+    output = subprocess.run(
+        ["taskset", "-c", str(args.wrk_cpu), "wrk", "-t1", f"-c{args.clients}",
+         f"-d{seconds:g}s", "--latency", "--timeout", "10s", "-s", str(LUA), api],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        timeout=seconds + 60, check=True).stdout
+    statuses = parse_wrk(output)["statuses"]
+    if not statuses.get("200") or any(n for status, n in statuses.items() if status != "200"):
+        raise SystemExit(f"writes failed: answers by status {statuses}\n{output}")
+    return statuses["200"], children_cpu_seconds() - before
 
 
 def run(base: Path, followers: int, with_secretary: bool, args: argparse.Namespace) -> Result:
@@ -179,14 +161,13 @@ def run(base: Path, followers: int, with_secretary: bool, args: argparse.Namespa
         if with_secretary:
             wait(lambda: (status(cluster, LEADER).get("secretaries") or {}).get("assignment")
                  == {"sec1": east}, WAIT_S, "the secretary to be hired")
-        value = "v" * args.value_bytes
         api = cluster.nodes[LEADER].api
-        load(api, min(500, args.writes), args.clients, value, "warm")
+        drive(api, 1.0, args)   # warm-up
         pid = cluster.processes[LEADER].pid
         before, commit0, cpu0 = scrape(cluster, LEADER), status(cluster, LEADER)[
             "commit_index"], process_cpu_seconds(pid)
         started = time.monotonic()
-        load(api, args.writes, args.clients, value, "k")
+        writes, wrk_cpu = drive(api, args.seconds, args)
         seconds = time.monotonic() - started
         after, commit1, cpu1 = scrape(cluster, LEADER), status(cluster, LEADER)[
             "commit_index"], process_cpu_seconds(pid)
@@ -198,31 +179,33 @@ def run(base: Path, followers: int, with_secretary: bool, args: argparse.Namespa
             return after.get(name, 0.0) - before.get(name, 0.0)
 
         return Result(
-            followers=followers, secretary=with_secretary, writes=args.writes,
+            followers=followers, secretary=with_secretary, writes=writes,
             seconds=round(seconds, 2), committed=committed,
             bytes_per_entry=round(delta("bwraft_transport_sent_bytes_total") / committed, 1),
             messages_per_entry=round(delta("bwraft_transport_sent_messages_total")
                                      / committed, 3),
-            cpu_per_10k_writes=round((cpu1 - cpu0) / args.writes * 10_000, 2),
-            writes_per_second=round(args.writes / seconds, 1),
+            cpu_per_10k_writes=round((cpu1 - cpu0) / writes * 10_000, 2),
+            writes_per_second=round(writes / seconds, 1),
             relayed_entries=delta("bwraft_secretary_leader_relayed_entries_total"),
+            wrk_cpu_share=round(wrk_cpu / seconds, 2),
             entries_per_save=round(delta("bwraft_storage_save_entries_sum")
                                    / max(1.0, delta("bwraft_storage_save_entries_count")), 2),
-            readies_per_write=round(delta("bwraft_readies_total") / args.writes, 3))
+            readies_per_write=round(delta("bwraft_readies_total") / writes, 3))
     finally:
         local.down(cluster, grace=10.0)
 
 
 def table(results: list[Result], value_bytes: int) -> str:
     rows = ["| N east | secretary | bytes/entry | msgs/entry | leader CPU s/10k writes "
-            "| writes/s | relayed entries |",
-            "|---|---|---|---|---|---|---|"]
+            "| writes/s | relayed entries | entries/save | wrk CPU |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         name = "leader alone" if r.followers == 0 else str(r.followers)
         rows.append(f"| {name} | {'yes' if r.secretary else 'no'} | "
                     f"{r.bytes_per_entry:,.0f} | {r.messages_per_entry:.2f} | "
                     f"{r.cpu_per_10k_writes:.1f} | {r.writes_per_second:.0f} | "
-                    f"{r.relayed_entries:,.0f} |")
+                    f"{r.relayed_entries:,.0f} | {r.entries_per_save:.1f} | "
+                    f"{r.wrk_cpu_share:.2f} |")
     by = {(r.followers, r.secretary): r for r in results}
     floor = by.get((0, False))
     notes = []
@@ -248,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--followers", type=int, nargs="+", default=[2, 4, 8],
                     help="east followers per run; 0 measures the leader alone (the floor)")
-    ap.add_argument("--writes", type=int, default=3000)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--wrk-cpu", type=int, default=1, help="the CPU wrk is pinned to")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--value-bytes", type=int, default=1024)
     ap.add_argument("--tick-ms", type=int, default=100)
@@ -280,7 +264,8 @@ def medians(runs: list[Result]) -> list[Result]:
     for rs in groups.values():
         fields = {f: statistics.median(getattr(r, f) for r in rs)
                   for f in ("seconds", "bytes_per_entry", "messages_per_entry",
-                            "cpu_per_10k_writes", "writes_per_second", "relayed_entries")}
+                            "cpu_per_10k_writes", "writes_per_second", "relayed_entries",
+                            "wrk_cpu_share", "entries_per_save", "readies_per_write")}
         out.append(replace(rs[0], **fields))
     return out
 
