@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import heapq
 import os
+import queue
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,9 +28,7 @@ from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from bwcore.config import Address, NodeConfig, parse_address
 from bwcore.errors import ConfigError, NotLeader, Unavailable
@@ -75,20 +75,59 @@ class StorageWriter(Protocol):
 
 class ThreadedWriter:
     """A :class:`StorageWriter` with ONE dedicated thread, so saves never overlap or reorder
-    and the reactor never waits on an fsync."""
+    and the reactor never waits on an fsync.
+
+    Calls reach the thread through a :class:`queue.SimpleQueue`, in submission order, and
+    their results come back with ``reactor.callFromThread``: the Deferred :meth:`run` returned
+    fires on the reactor thread, or fails with whatever the call raised. (Twisted's
+    ``ThreadPool`` with ``deferToThreadPool`` does the same with more Python work on both
+    threads per call — its team coordinator, a context wrapper — all of it holding the GIL.)
+    Calls queued before :meth:`start` run once it is called; :meth:`stop` lets the queued calls
+    run, then ends the thread and waits for it.
+    """
 
     def __init__(self, reactor: Any, name: str = "bwraft-writer") -> None:
         self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+        self._name = name
+        self._calls: queue.SimpleQueue[tuple[Deferred[Any], Callable[..., Any],
+                                             tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
 
     def start(self) -> None:
-        self._pool.start()
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+        if self._stopped:
+            return defer.fail(RuntimeError(f"{self._name}: the writer is stopped"))
+        d: Deferred[T] = Deferred()
+        self._calls.put((d, fn, args))
+        return d
 
     def stop(self) -> None:
-        self._pool.stop()
+        if self._stopped:
+            return
+        self._stopped = True
+        self._calls.put(None)
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def _work(self) -> None:
+        calls = self._calls
+        while (call := calls.get()) is not None:
+            self._call(*call)
+            del call  # hold nothing of a finished call while waiting for the next
+
+    def _call(self, d: Deferred[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            result = fn(*args)
+        except BaseException:
+            self._reactor.callFromThread(d.errback, Failure())
+        else:
+            self._reactor.callFromThread(d.callback, result)
 
 
 @dataclass(slots=True)
