@@ -87,12 +87,6 @@ def fsync_alone(folder: Path, count: int = 200) -> dict[str, Any]:
     return summary(samples)
 
 
-
-
-
-
-
-
 class Bench:
     """One run: a planned cluster, the followers' processes and the in-process leader."""
 
