@@ -330,4 +330,6 @@ def test_mutated_bodies_decode_to_valid_objects_or_frame_error(obj: object) -> N
             out = decode(mutated)
         except FrameError:
             continue
-        assert decode(encode(out)) == out
+        # Compared as bytes: a mutated float may decode to NaN, which equals nothing.
+        again = encode(out)
+        assert encode(decode(again)) == again
