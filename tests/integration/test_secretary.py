@@ -32,16 +32,37 @@ EAST = ("n3", "n4", "n5")
 WAIT_S = 60.0
 
 
+#: The shared secret of the secured cluster (docs/security.md: at least 16 bytes).
+SECRET = b"relay-test-secret-0123456789"
+
+
 @pytest.fixture
 def two_datacenters(tmp_path: Path) -> Iterator[local.Cluster]:
     """Five voters (2 west, 3 east) and one east secretary running; ``sec2`` (east) planned but
     not started."""
+    yield from _two_datacenters(tmp_path, secret=None)
+
+
+@pytest.fixture
+def secured_two_datacenters(tmp_path: Path) -> Iterator[local.Cluster]:
+    """The same, every node holding the cluster secret: frames and datagrams carry HMACs."""
+    yield from _two_datacenters(tmp_path, secret=SECRET)
+
+
+def _two_datacenters(tmp_path: Path, secret: bytes | None) -> Iterator[local.Cluster]:
     cluster = local.plan(tmp_path / "cluster", voters=5, secretaries=2, tick_ms=TICK_MS,
                          datacenters=("west", "east"))
     for node_id, node in list(cluster.nodes.items()):
         cluster.nodes[node_id] = replace(node, datacenter="west" if node_id in WEST else "east")
     cluster.dir.mkdir(parents=True)
     local.write_files(cluster)
+    if secret is not None:
+        secret_file = cluster.dir / "cluster.secret"
+        secret_file.write_bytes(secret + b"\n")
+        for node in cluster.nodes.values():
+            # A table of its own at the end of the file: valid TOML after any other table.
+            with node.config.open("a", encoding="utf-8") as f:
+                f.write(f'\n[security]\ncluster_secret_file = "{secret_file}"\n')
     try:
         for node_id in cluster.nodes:
             if node_id != "sec2":
@@ -58,8 +79,8 @@ def status(cluster: local.Cluster, node_id: str) -> dict:
     return local.fetch_status(cluster.nodes[node_id].api) or {}
 
 
-def metric(cluster: local.Cluster, node_id: str, name: str) -> float:
-    """One sample from the node's /metrics (0 if absent)."""
+def metric(cluster: local.Cluster, node_id: str, name: str, *, labels: bool = False) -> float:
+    """One sample from the node's /metrics (0 if absent); ``labels``: the sum over them."""
     host, _, port = cluster.nodes[node_id].api.removeprefix("http://").rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=5)
     try:
@@ -67,16 +88,15 @@ def metric(cluster: local.Cluster, node_id: str, name: str) -> float:
         text = conn.getresponse().read().decode()
     finally:
         conn.close()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    prefix = name + ("{" if labels else " ")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix))
 
 
-def make_leader(cluster: local.Cluster, target: str) -> str:
+def make_leader(cluster: local.Cluster, target: str, secret: bytes | None = None) -> str:
     """Hand leadership to ``target`` the way a leadership transfer ends (Raft dissertation
     §3.10): a TIMEOUT_NOW in the current term makes it campaign at once. The test sends it
-    over the peer protocol itself, as the leader would."""
+    over the peer protocol itself, as the leader would (with the cluster's HMAC, if any)."""
     for _ in range(10):
         leader = local.wait_for_leader(cluster, WAIT_S, among=[*WEST, *EAST])
         if leader == target:
@@ -84,8 +104,9 @@ def make_leader(cluster: local.Cluster, target: str) -> str:
         term = status(cluster, leader)["term"]
         host, _, port = cluster.nodes[target].raft.rpartition(":")
         with socket.create_connection((host, int(port)), timeout=5) as sock:
-            sock.sendall(encode_frame(Hello("test-transfer", "bwraft-local"))
-                         + encode_frame(Message(MessageType.TIMEOUT_NOW, target, leader, term)))
+            sock.sendall(encode_frame(Hello("test-transfer", "bwraft-local"), secret)
+                         + encode_frame(Message(MessageType.TIMEOUT_NOW, target, leader, term),
+                                        secret))
         wait_for(lambda term=term: status(cluster, target).get("term", 0) > term, 20,
                  "the campaign")
     pytest.fail(f"{target} never became leader")
@@ -141,3 +162,28 @@ def test_secretary_sigkill_costs_no_election_and_a_new_secretary_is_hired(
     # Every acknowledged write reads back linearizably through an east follower.
     with Client([cluster.nodes["n4"].api], timeout=3.0, deadline=30.0) as client:
         assert {k: client.get(k).value for k in acknowledged} == acknowledged
+
+
+def test_secretary_relays_in_a_cluster_with_a_secret(
+        secured_two_datacenters: local.Cluster) -> None:
+    """With a cluster secret every hop of the relay (leader -> secretary -> followers and
+    back) is an authenticated connection: writes commit through the secretary, and no node
+    refuses a frame on the way."""
+    cluster = secured_two_datacenters
+    leader = make_leader(cluster, "n1", SECRET)
+    wait_for(lambda: east_assigned_to(cluster, leader, "sec1"), WAIT_S,
+             "the leader to hand the east followers to sec1")
+    relayed = "bwraft_secretary_leader_relayed_entries_total"
+    with Client([cluster.nodes[v].api for v in (*WEST, *EAST)], timeout=3.0,
+                deadline=30.0) as client:
+        start = metric(cluster, leader, relayed)
+        for i in range(20):
+            client.put(f"s{i}", str(i))
+        assert metric(cluster, leader, relayed) >= start + 3 * 20
+        assert metric(cluster, "sec1", "bwraft_secretary_relayed_entries_total") >= 3 * 20
+    for node_id in (*WEST, *EAST, "sec1"):
+        assert metric(cluster, node_id, "bwraft_transport_rejected_frames_total",
+                      labels=True) == 0
+        assert metric(cluster, node_id, "bwraft_secretary_malformed_frames_total") == 0
+    assert {status(cluster, v)["term"] for v in (*WEST, *EAST)} == \
+        {status(cluster, leader)["term"]}
