@@ -1,0 +1,207 @@
+"""What a secretary saves the leader when no client API is in the leader's path.
+
+The same clusters as ``secretary_bench.py`` (``west``: the leader ``n1`` and one follower;
+``east``: N followers and, in the second cluster, one secretary; SQLite, ``synchronous=FULL``),
+but the leader runs in this process and proposals are submitted with ``RaftNode.propose``,
+``--window`` in flight, for ``--seconds``: the leader's CPU is then what proposing, saving,
+applying and replicating cost, without HTTP. The other nodes are ``twistd`` processes whose
+election timeout is five times longer, so that this process's node leads.
+
+Usage::
+
+    python contrib/bench/secretary_inproc_bench.py [--followers 0 2 4 8] [--seconds 8]
+        [--window 16] [--value-bytes 1024] [--repeat 3]
+
+Prints one JSON line per run and a Markdown table of the medians. The leader's CPU is this
+process's (user + system), per 10,000 acknowledged writes. Benchmarks assert nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+
+from bwcore import cluster as local
+from bwcore.config import load_config
+from bwcore.errors import Unavailable
+from bwcore.kernel import StateRole
+from bwcore.logs import configure_logging
+from bwcore.node import RaftNode
+from bwcore.plugins import PluginHost
+from bwcore.tap import tune_gc
+from bwraft_plugins.kv import encode_command
+from benchlib import own_cpu_seconds
+
+LEADER = "n1"
+WEST = {"n1", "n2"}
+SLOWER = 5   # the other nodes' election timeout, in multiples of the leader's
+WAIT_S = 60.0
+
+
+@dataclass
+class Result:
+    followers: int
+    secretary: bool
+    writes: int
+    cpu_per_10k_writes: float
+    writes_per_second: float
+    bytes_per_entry: float
+
+
+def sample(node: RaftNode, name: str) -> float:
+    """The sum of a metric's samples in the in-process node's registry."""
+    return sum(s.value for m in node.registry.collect() for s in m.samples if s.name == name)
+
+
+async def pause(reactor: Any, seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool,
+                  args: argparse.Namespace) -> Result:
+    alone = followers == 0
+    cluster = local.plan(base / f"n{followers}-{'sec' if with_secretary else 'direct'}",
+                         voters=1 if alone else 2 + followers,
+                         secretaries=1 if with_secretary else 0,
+                         tick_ms=args.tick_ms, datacenters=("west", "east"))
+    for node_id, node in list(cluster.nodes.items()):
+        cluster.nodes[node_id] = replace(node, datacenter="west" if node_id in WEST else "east")
+    cluster.dir.mkdir(parents=True)
+    local.write_files(cluster)
+    node: RaftNode | None = None
+    try:
+        for node_id, info in cluster.nodes.items():
+            if node_id == LEADER:
+                continue
+            # Top-level keys come before any table in TOML, so a first line is enough.
+            info.config.write_text(f"election_ticks = {10 * SLOWER}\n"
+                                   + info.config.read_text(encoding="utf-8"), encoding="utf-8")
+            local.start_node(cluster, node_id)
+        config = load_config(cluster.nodes[LEADER].config)
+        node = RaftNode(config, PluginHost.from_config(config), reactor)
+        node.startService()
+        await node.when_started()
+        give_up = time.monotonic() + WAIT_S
+        east = sorted(n for n, i in cluster.nodes.items()
+                      if i.role == "voter" and n not in WEST)
+        while True:
+            kernel = node.kernel
+            leading = kernel is not None and kernel.role is StateRole.LEADER \
+                and kernel.commit_index >= kernel.last_index
+            hired = not with_secretary or (node.status().get("secretaries") or {}).get(
+                "assignment") == {"sec1": east}
+            if leading and hired:
+                break
+            if kernel is not None and kernel.leader not in (None, LEADER):
+                raise SystemExit(f"{kernel.leader} was elected instead of {LEADER}: run again")
+            if time.monotonic() > give_up:
+                raise SystemExit("no leader (or no secretary hired) in time")
+            await pause(reactor, 0.05)
+        value = "v" * args.value_bytes
+        seq = 0
+
+        async def drive(seconds: float) -> int:
+            done: Deferred[None] = Deferred()
+            counts = {"ok": 0, "in_flight": 0}
+            deadline = time.perf_counter() + seconds
+
+            def submit() -> None:
+                nonlocal seq
+                seq += 1
+                counts["in_flight"] += 1
+                d = Deferred.fromCoroutine(node.propose(
+                    encode_command("put", f"k{seq % 10_000}", value=value)))
+                d.addCallbacks(finished, failed)
+
+            def finished(_: Any) -> None:
+                counts["ok"] += 1
+                settle()
+
+            def failed(failure: Any) -> None:
+                failure.trap(Unavailable)
+                settle()
+
+            def settle() -> None:
+                counts["in_flight"] -= 1
+                if time.perf_counter() < deadline:
+                    submit()
+                elif counts["in_flight"] == 0 and not done.called:
+                    done.callback(None)
+
+            for _ in range(args.window):
+                submit()
+            await done
+            return counts["ok"]
+
+        await drive(1.0)   # warm-up
+        cpu0, sent0 = own_cpu_seconds(), sample(node, "bwraft_transport_sent_bytes_total")
+        commit0, started = node.kernel.commit_index, time.perf_counter()
+        writes = await drive(args.seconds)
+        seconds = time.perf_counter() - started
+        cpu = own_cpu_seconds() - cpu0
+        committed = max(1, node.kernel.commit_index - commit0)
+        sent = sample(node, "bwraft_transport_sent_bytes_total") - sent0
+        return Result(followers, with_secretary, writes,
+                      round(cpu / max(1, writes) * 10_000, 2), round(writes / seconds, 1),
+                      round(sent / committed, 1))
+    finally:
+        if node is not None:
+            await node.stopService()
+        local.down(cluster, grace=10.0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--followers", type=int, nargs="+", default=[0, 2, 4, 8])
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--value-bytes", type=int, default=1024)
+    ap.add_argument("--tick-ms", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    configure_logging("warning", "json")
+    tune_gc()   # as `twistd bwraft` does for a node process
+    runs: list[Result] = []
+
+    async def all_runs(reactor: Any) -> None:
+        with tempfile.TemporaryDirectory(prefix="bwraft-secretary-inproc-") as tmp:
+            for n in args.followers:
+                for k in range(args.repeat):
+                    for with_secretary in (False, True) if n else (False,):
+                        r = await one_run(reactor, Path(tmp) / f"run{k}", n, with_secretary,
+                                          args)
+                        print(json.dumps(asdict(r)), file=sys.stderr, flush=True)
+                        runs.append(r)
+        print(table(runs))
+
+    task.react(lambda reactor: defer.ensureDeferred(all_runs(reactor)))   # exits when done
+    return 0
+
+
+def table(runs: list[Result]) -> str:
+    groups: dict[tuple[int, bool], list[Result]] = {}
+    for r in runs:
+        groups.setdefault((r.followers, r.secretary), []).append(r)
+    rows = ["| N east | secretary | leader CPU s/10k writes | writes/s | bytes/entry |",
+            "|---|---|---|---|---|"]
+    for (n, sec), rs in sorted(groups.items()):
+        med = {f: statistics.median(getattr(r, f) for r in rs)
+               for f in ("cpu_per_10k_writes", "writes_per_second", "bytes_per_entry")}
+        rows.append(f"| {'leader alone' if n == 0 else n} | {'yes' if sec else 'no'} | "
+                    f"{med['cpu_per_10k_writes']:.2f} | {med['writes_per_second']:.0f} | "
+                    f"{med['bytes_per_entry']:,.0f} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
