@@ -49,9 +49,16 @@ def secured_two_datacenters(tmp_path: Path) -> Iterator[local.Cluster]:
     yield from _two_datacenters(tmp_path, secret=SECRET)
 
 
-def _two_datacenters(tmp_path: Path, secret: bytes | None) -> Iterator[local.Cluster]:
-    cluster = local.plan(tmp_path / "cluster", voters=5, secretaries=2, tick_ms=TICK_MS,
-                         datacenters=("west", "east"))
+@pytest.fixture
+def east_observer(tmp_path: Path) -> Iterator[local.Cluster]:
+    """The same with an east observer, ``obs1``, which the leader feeds too."""
+    yield from _two_datacenters(tmp_path, secret=None, observers=1)
+
+
+def _two_datacenters(tmp_path: Path, secret: bytes | None,
+                     observers: int = 0) -> Iterator[local.Cluster]:
+    cluster = local.plan(tmp_path / "cluster", voters=5, secretaries=2, observers=observers,
+                         tick_ms=TICK_MS, datacenters=("west", "east"))
     for node_id, node in list(cluster.nodes.items()):
         cluster.nodes[node_id] = replace(node, datacenter="west" if node_id in WEST else "east")
     cluster.dir.mkdir(parents=True)
@@ -187,3 +194,23 @@ def test_secretary_relays_in_a_cluster_with_a_secret(
         assert metric(cluster, node_id, "bwraft_secretary_malformed_frames_total") == 0
     assert {status(cluster, v)["term"] for v in (*WEST, *EAST)} == \
         {status(cluster, leader)["term"]}
+
+
+def test_secretary_carries_an_observer_and_its_reads_stay_linearizable(
+        east_observer: local.Cluster) -> None:
+    """An observer in the secretary's datacenter is fed through the secretary like the east
+    voters (PROTOCOL.md: followers and observers of a datacenter), and a linearizable read
+    through it sees every acknowledged write."""
+    cluster = east_observer
+    leader = make_leader(cluster, "n1")
+    wait_for(lambda: (status(cluster, leader).get("secretaries") or {}).get("assignment")
+             == {"sec1": sorted([*EAST, "obs1"])}, WAIT_S,
+             "the leader to hand the east voters and the observer to sec1")
+    with Client([cluster.nodes[v].api for v in (*WEST, *EAST)], timeout=3.0,
+                deadline=30.0) as client:
+        for i in range(20):
+            client.put(f"o{i}", str(i))
+    assert metric(cluster, "obs1", "bwraft_secretary_follower_relays_total") > 0
+    with Client([cluster.nodes["obs1"].api], timeout=3.0, deadline=30.0) as client:
+        assert {f"o{i}": client.get(f"o{i}").value for i in range(20)} == \
+            {f"o{i}": str(i) for i in range(20)}
