@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from bwcore.kernel import Message
+from bwcore.kernel import Entry, Message
 from bwraft_plugins import secretary_wire as wire
 
 __all__ = ["DirectoryEntry", "LeaderRelay", "LeaderStats", "RelaySettings", "TakeBack"]
@@ -334,18 +334,20 @@ class LeaderRelay:
         frames = []
         for sec, msgs in taken.items():
             track = self._secretaries.setdefault(sec, _Secretary(sec))
-            for chunk in self._chunks(msgs, keep):
-                frames.append((sec, self._batch(track, chunk, now)))
+            for chunk, distinct in self._chunks(msgs, keep):
+                frames.append((sec, self._batch(track, chunk, distinct, now)))
         return frames
 
-    def _chunks(self, msgs: list[Message], keep: list[Message]) -> Iterable[list[Message]]:
+    def _chunks(self, msgs: list[Message], keep: list[Message]
+                ) -> Iterable[tuple[list[Message], dict[int, Entry]]]:
         """Split one secretary's messages so that no frame exceeds the window or byte cap; a
-        message too big on its own goes directly (``keep``)."""
+        message too big on its own goes directly (``keep``). Yields each frame's messages
+        with their distinct entries (index -> entry)."""
         window, cap = self.settings.window, self.settings.max_frame_bytes
         distinct = wire.distinct_entries(msgs)
         if len(distinct) <= window \
                 and sum(len(e.data) + 16 for e in distinct.values()) <= cap:
-            yield msgs   # the usual case: every follower needs the same few new entries
+            yield msgs, distinct   # the usual case: every follower needs the same new entries
             return
         chunk: list[Message] = []
         seen: set[int] = set()
@@ -357,7 +359,7 @@ class LeaderRelay:
                 keep.append(m)
                 continue
             if chunk and (len(seen) + len(new) > window or size + grow > cap):
-                yield chunk
+                yield chunk, wire.distinct_entries(chunk)
                 chunk, seen, size = [], set(), 0
                 new = list(m.entries)
                 grow = sum(len(e.data) + 16 for e in new)
@@ -365,9 +367,10 @@ class LeaderRelay:
             seen.update(e.index for e in new)
             size += grow
         if chunk:
-            yield chunk
+            yield chunk, wire.distinct_entries(chunk)
 
-    def _batch(self, track: _Secretary, msgs: list[Message], now: float) -> list[Any]:
+    def _batch(self, track: _Secretary, msgs: list[Message], distinct: dict[int, Entry],
+               now: float) -> list[Any]:
         self._seq += 1
         addresses = {}
         for m in msgs:
@@ -380,12 +383,13 @@ class LeaderRelay:
                     addresses[m.to] = address
                 track.addresses_sent.add(m.to)
         track.outstanding.append((self._seq, now))
-        payload = wire.encode_batch(self._seq, self.term, self.node_id, msgs, addresses)
+        payload = wire.encode_batch(self._seq, self.term, self.node_id, msgs, addresses,
+                                    distinct)
         st = self.stats
         st.frames += 1
         st.relayed_messages += len(msgs)
         st.relayed_entries += sum(len(m.entries) for m in msgs)
-        st.sent_entries += len(wire.distinct_entries(msgs))
+        st.sent_entries += len(distinct)
         return payload
 
     def send_failed(self, secretary: str, now: float) -> list[TakeBack]:

@@ -231,12 +231,15 @@ def distinct_entries(messages: Iterable[Message]) -> dict[int, Entry]:
 
 
 def encode_batch(seq: int, term: int, leader: str, messages: Sequence[Message],
-                 addresses: Mapping[str, str]) -> list[Any]:
+                 addresses: Mapping[str, str],
+                 distinct: Mapping[int, Entry] | None = None) -> list[Any]:
     """The BATCH payload carrying ``messages`` (all :func:`appendable`, of ``term``).
 
-    Entries several messages share travel once.
+    Entries several messages share travel once. ``distinct``: their
+    :func:`distinct_entries`, if the caller has them already.
     """
-    distinct = distinct_entries(messages)
+    if distinct is None:
+        distinct = distinct_entries(messages)
     targets = [[int(m.type), m.to, m.log_term, m.index, len(m.entries), m.commit, m.context]
                for m in messages]
     runs: list[list[Any]] = []
