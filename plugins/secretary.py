@@ -108,7 +108,7 @@ class SecretaryService(Service):
 
     def _flush(self) -> None:
         self._flush_call = None
-        report = self.relay.flush()
+        report = self.relay.flush(self.node.reactor.seconds())
         if report is not None:
             leader, payload = report
             self.node.send_plugin_frame(leader, wire.PLUGIN, payload)

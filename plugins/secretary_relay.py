@@ -24,6 +24,9 @@ from bwraft_plugins import secretary_wire as wire
 
 __all__ = ["FollowerRelay", "FollowerStats", "SecretaryRelay", "SecretaryStats"]
 
+#: A follower that has owed replies for this many report delays no longer holds reports back.
+STALE_OWED_FACTOR = 10
+
 
 @dataclass
 class SecretaryStats:
@@ -62,7 +65,8 @@ class SecretaryRelay:
         self._ack_seq = 0
         self._reported_seq = 0
         self._replies: list[tuple[str, list[Any]]] = []
-        self._awaiting: dict[str, int] = {}
+        #: follower -> [replies it still owes, when the oldest of them was relayed].
+        self._awaiting: dict[str, list[Any]] = {}
         self._unreachable: set[str] = set()
         #: When the collected replies and acknowledgements must be reported at the latest.
         self.flush_at: float | None = None
@@ -108,7 +112,8 @@ class SecretaryRelay:
                 sizes[target.to] = 0
             items.append(wire.relay_item(target, entries))
             sizes[target.to] = sizes.get(target.to, 0) + size
-            self._awaiting[target.to] = self._awaiting.get(target.to, 0) + 1
+            owed = self._awaiting.setdefault(target.to, [0, now])
+            owed[0] += 1
             self.stats.relayed_messages += 1
             self.stats.relayed_entries += target.count
         out.extend((to, wire.encode_relay(self.term, self.leader, items))
@@ -125,11 +130,13 @@ class SecretaryRelay:
             return False
         for item in replies.items:
             self._replies.append((peer, item))
-        left = self._awaiting.get(peer, 0) - len(replies.items)
-        if left > 0:
-            self._awaiting[peer] = left
-        else:
-            self._awaiting.pop(peer, None)
+        owed = self._awaiting.get(peer)
+        if owed is not None:
+            owed[0] -= len(replies.items)
+            if owed[0] > 0:
+                owed[1] = now   # it is answering: what it still owes is recent
+            else:
+                del self._awaiting[peer]
         if self.flush_at is None:
             self.flush_at = now + self.max_delay
         return not self._awaiting
@@ -139,9 +146,15 @@ class SecretaryRelay:
         self._unreachable.add(follower)
         self._awaiting.pop(follower, None)
 
-    def flush(self) -> tuple[str, list[Any]] | None:
+    def flush(self, now: float) -> tuple[str, list[Any]] | None:
         """The REPORT to send now (leader id, payload), or None if there is nothing to say."""
         self.flush_at = None
+        # Replies still owed stay owed across reports, so that the stragglers of a batch go
+        # back together in one more report rather than one report each. A follower that has
+        # owed replies for a while lost them (or the relay to it): it no longer holds reports.
+        stale = now - STALE_OWED_FACTOR * self.max_delay
+        for follower in [f for f, (_, since) in self._awaiting.items() if since < stale]:
+            del self._awaiting[follower]
         if self.leader is None or (not self._replies and not self._unreachable
                                    and self._ack_seq == self._reported_seq):
             return None
@@ -152,8 +165,6 @@ class SecretaryRelay:
         self.stats.reports += 1
         self._replies = []
         self._unreachable = set()
-        # Replies still due count from here: a late one simply goes out in a later report.
-        self._awaiting.clear()
         self._reported_seq = self._ack_seq
         return self.leader, payload
 

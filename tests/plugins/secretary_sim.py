@@ -186,7 +186,7 @@ class RelaySim:
         for s, relay in self.secretaries.items():
             if relay is not None and relay.flush_at is not None \
                     and (force or relay.flush_at <= self.now):
-                report = relay.flush()
+                report = relay.flush(self.now)
                 if report is not None:
                     self.send_frame(s, *report)
 
@@ -224,7 +224,7 @@ class RelaySim:
                     self.send_frame(dst, target, relayed)
             elif kind is wire.Kind.REPLY:
                 if relay.on_replies(src, wire.decode_replies(payload), self.now):
-                    report = relay.flush()
+                    report = relay.flush(self.now)
                     if report is not None:
                         self.send_frame(dst, *report)
             return

@@ -12,7 +12,7 @@ import pytest
 from bwcore.kernel import Entry, EntryType, Message, MessageType as MT
 from bwraft_plugins import secretary_wire as wire
 from bwraft_plugins.secretary_leader import DirectoryEntry, LeaderRelay, RelaySettings
-from bwraft_plugins.secretary_relay import FollowerRelay, SecretaryRelay
+from bwraft_plugins.secretary_relay import STALE_OWED_FACTOR, FollowerRelay, SecretaryRelay
 
 SETTINGS = RelaySettings(reply_deadline=0.3, rehire_after=2.0, window=8)
 TERM = 4
@@ -365,17 +365,43 @@ def test_secretary_relays_and_reports_once_everyone_answered():
     assert sec.flush_at == pytest.approx(1.002)
     assert sec.on_replies("f1", reply_from("f1"), 1.0005) is False
     assert sec.on_replies("f2", reply_from("f2"), 1.001) is True   # all answered
-    leader, payload = sec.flush()
+    leader, payload = sec.flush(1.001)
     report = wire.decode_report(through_wire(payload), "L")
     assert leader == "L" and report.ack_seq == 1
     assert [m.frm for m in report.replies] == ["f1", "f2"]
-    assert sec.flush() is None   # nothing new
+    assert sec.flush(1.001) is None   # nothing new
+
+
+def test_stragglers_of_a_batch_go_back_together():
+    # The deadline sends what came in; the followers still due stay due, so that their
+    # replies leave in one more report when the last arrives, not in one report each.
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    msgs = [append(f, 10, 2) for f in ("f1", "f2", "f3")]
+    sec.on_batch("L", batch(1, msgs=msgs), 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.001) is False
+    _, payload = sec.flush(1.002)                                   # the deadline
+    assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f1"]
+    assert sec.on_replies("f2", reply_from("f2"), 1.003) is False   # f3 is still due
+    assert sec.flush_at == pytest.approx(1.005)
+    assert sec.on_replies("f3", reply_from("f3"), 1.004) is True    # the last straggler
+    _, payload = sec.flush(1.004)
+    assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f2", "f3"]
+
+
+def test_a_follower_that_lost_its_replies_stops_holding_reports():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    sec.on_batch("L", batch(1, msgs=[append("f1", 10, 2), append("f2", 10, 2)]), 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.001) is False   # f2 never answers
+    sec.flush(1.002)
+    sec.flush(1.0 + STALE_OWED_FACTOR * 0.002 + 0.001)              # f2's debt is stale now
+    sec.on_batch("L", batch(2, msgs=[append("f1", 12, 1)]), 1.03)
+    assert sec.on_replies("f1", reply_from("f1"), 1.031) is True    # f2 no longer awaited
 
 
 def test_secretary_acknowledges_batches_even_without_replies():
     sec = SecretaryRelay("s1")
     sec.on_batch("L", batch(3), 1.0)
-    _, payload = sec.flush()
+    _, payload = sec.flush(1.0)
     assert wire.decode_report(payload, "L").ack_seq == 3
 
 
@@ -390,7 +416,7 @@ def test_secretary_fencing():
     assert sec.on_replies("f2", reply_from("f2", leader="M"), 1.0) is False
     # A higher term: the old assignment's buffered reply is dropped, never forwarded.
     assert sec.on_batch("M", batch(1, term=TERM + 1, leader="M"), 1.1)
-    leader, payload = sec.flush()
+    leader, payload = sec.flush(1.1)
     report = wire.decode_report(payload, "M")
     assert leader == "M" and report.term == TERM + 1 and report.replies == ()
     assert sec.stats.dropped == {"not_from_leader": 1, "stale_term": 1,
@@ -407,7 +433,7 @@ def test_unreachable_follower_is_reported():
     sec = SecretaryRelay("s1")
     sec.on_batch("L", batch(1), 1.0)
     sec.unreachable("f2")
-    _, payload = sec.flush()
+    _, payload = sec.flush(1.0)
     assert wire.decode_report(payload, "L").unreachable == ("f2",)
 
 
@@ -477,7 +503,7 @@ def test_reports_carry_each_followers_latest_word():
                Message(MT.APPEND_RESP, "L", "f2", TERM, index=10)]
     for m in replies:
         sec.on_replies(m.frm, wire.decode_replies(wire.encode_replies(TERM, "L", [m])), 1.0)
-    _, payload = sec.flush()
+    _, payload = sec.flush(1.0)
     got = wire.decode_report(payload, "L").replies
     assert got == (replies[2], replies[4], replies[5], replies[6], replies[7])
     assert sec.stats.coalesced == 3
