@@ -384,13 +384,26 @@ class LeaderRelay:
                 track.addresses_sent.add(m.to)
         track.outstanding.append((self._seq, now))
         payload = wire.encode_batch(self._seq, self.term, self.node_id, msgs, addresses,
-                                    distinct)
+                                    distinct, self._report_after(track.id, now))
         st = self.stats
         st.frames += 1
         st.relayed_messages += len(msgs)
         st.relayed_entries += sum(len(m.entries) for m in msgs)
         st.sent_entries += len(distinct)
         return payload
+
+    def _report_after(self, secretary: str, now: float) -> int:
+        """How many of the voters ``secretary`` serves should acknowledge before it reports:
+        the acknowledgements the leader needs from relayed voters to commit (if every voter
+        it replicates to directly answers), shared among the secretaries by how many voters
+        each serves; 0 when the direct voters are a quorum. A hint only: a secretary that
+        reports earlier or later changes no decision, only when the leader hears it."""
+        voters = self.voter_addresses
+        by_secretary = [self.secretary_for(v, now) for v in voters]
+        relayed = sum(1 for s in by_secretary if s is not None)
+        served = by_secretary.count(secretary)
+        need = len(voters) // 2 + 1 - (len(voters) - relayed)
+        return -(-need * served // relayed) if need > 0 and served else 0   # ceil
 
     def send_failed(self, secretary: str, now: float) -> list[TakeBack]:
         """A BATCH frame could not even be queued for ``secretary``."""

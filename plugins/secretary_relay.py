@@ -67,6 +67,10 @@ class SecretaryRelay:
         self._replies: list[tuple[str, list[Any]]] = []
         #: follower -> [replies it still owes, when the oldest of them was relayed].
         self._awaiting: dict[str, list[Any]] = {}
+        #: Followers that answered since the last report, and how many the leader needs to
+        #: commit (its hint in the latest batch; 0: none).
+        self._answered: set[str] = set()
+        self._report_after = 0
         self._unreachable: set[str] = set()
         #: When the collected replies and acknowledgements must be reported at the latest.
         self.flush_at: float | None = None
@@ -86,6 +90,7 @@ class SecretaryRelay:
             self._ack_seq = self._reported_seq = 0
             self._replies.clear()
             self._awaiting.clear()
+            self._answered.clear()
             self._unreachable.clear()
             self.flush_at = None
         elif batch.term < self.term:
@@ -99,6 +104,7 @@ class SecretaryRelay:
             return []
         self.stats.batches += 1
         self._ack_seq = max(self._ack_seq, batch.seq)
+        self._report_after = batch.report_after
         by_target: dict[str, list[list[Any]]] = {}
         sizes: dict[str, int] = {}
         out: list[tuple[str, list[Any]]] = []
@@ -124,12 +130,14 @@ class SecretaryRelay:
 
     def on_replies(self, peer: str, replies: wire.Replies, now: float) -> bool:
         """A follower's replies. Returns True when every follower has answered everything
-        relayed to it: report at once (at the end of this reactor turn)."""
+        relayed to it, or as many as the leader needs to commit have answered since the last
+        report: report at once (at the end of this reactor turn)."""
         if self.leader is None or replies.term != self.term or replies.leader != self.leader:
             self.stats.drop("stale_reply")  # never forward a reply of another assignment
             return False
         for item in replies.items:
             self._replies.append((peer, item))
+        self._answered.add(peer)
         owed = self._awaiting.get(peer)
         if owed is not None:
             owed[0] -= len(replies.items)
@@ -139,7 +147,9 @@ class SecretaryRelay:
                 del self._awaiting[peer]
         if self.flush_at is None:
             self.flush_at = now + self.max_delay
-        return not self._awaiting
+        # The leader commits once a quorum has the entries (Raft §5.3): the acknowledgements
+        # it needs from here go back as soon as they are in; the rest follow together.
+        return not self._awaiting or 0 < self._report_after <= len(self._answered)
 
     def unreachable(self, follower: str) -> None:
         """A RELAY frame to ``follower`` could not be queued: tell the leader."""
@@ -165,6 +175,7 @@ class SecretaryRelay:
         self.stats.reports += 1
         self._replies = []
         self._unreachable = set()
+        self._answered = set()
         self._reported_seq = self._ack_seq
         return self.leader, payload
 

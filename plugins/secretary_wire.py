@@ -5,11 +5,14 @@ is ``[kind, body]``: the :class:`Kind`, and the body packed with msgpack into on
 (so that the peer codec's check of plugin payloads looks at one value, not at every entry of a
 batch). The bodies, shown with their kind in front:
 
-- ``BATCH`` leader -> secretary: ``1: [seq, term, leader, runs, targets, addresses]``. ``runs``
+- ``BATCH`` leader -> secretary: ``1: [seq, term, leader, runs, targets, addresses,
+  report_after]``. ``runs``
   holds each distinct entry of the batch once, as ``[first_index, [[term, data, type], ...]]``
   runs of consecutive indexes; ``targets`` holds one ``[type, to, log_term, index, count,
   commit, context]`` per kernel message, whose entries are ``index + 1 .. index + count``;
-  ``addresses`` maps a follower id to its raft ``host:port`` (sent once per assignment).
+  ``addresses`` maps a follower id to its raft ``host:port`` (sent once per assignment);
+  ``report_after`` (optional, 0: none) is how many of these followers' acknowledgements the
+  leader needs to commit: report as soon as that many have answered.
 - ``RELAY`` secretary -> follower: ``2: [term, leader, [[type, log_term, index, commit,
   context, [[term, data, type], ...]], ...]]``: the leader's messages to this follower.
 - ``REPLY`` follower -> secretary: ``3: [term, leader, [[type, index, log_term, reject,
@@ -158,8 +161,9 @@ def _pack(kind: Kind, body: list[Any]) -> list[Any]:
     return [int(kind), msgpack.packb(body, use_bin_type=True)]
 
 
-def _body(payload: Any, kind: Kind, name: str, length: int) -> list[Any]:
-    """Check the kind and unpack the body of ``payload`` (an array of ``length``)."""
+def _body(payload: Any, kind: Kind, name: str, length: int | None) -> list[Any]:
+    """Check the kind and unpack the body of ``payload`` (an array of ``length``; None: of
+    any length, which the caller checks)."""
     if kind_of(payload) is not kind:
         raise WireError(f"not {name}")
     try:
@@ -196,6 +200,7 @@ class Batch:
     entries: dict[int, list[Any]]
     targets: tuple[Target, ...]
     addresses: dict[str, str]
+    report_after: int = 0
 
     def wire_entries(self, target: Target) -> list[list[Any]]:
         """The wire entries ``target`` carries (present: :func:`decode_batch` checked it)."""
@@ -232,11 +237,13 @@ def distinct_entries(messages: Iterable[Message]) -> dict[int, Entry]:
 
 def encode_batch(seq: int, term: int, leader: str, messages: Sequence[Message],
                  addresses: Mapping[str, str],
-                 distinct: Mapping[int, Entry] | None = None) -> list[Any]:
+                 distinct: Mapping[int, Entry] | None = None, report_after: int = 0
+                 ) -> list[Any]:
     """The BATCH payload carrying ``messages`` (all :func:`appendable`, of ``term``).
 
     Entries several messages share travel once. ``distinct``: their
-    :func:`distinct_entries`, if the caller has them already.
+    :func:`distinct_entries`, if the caller has them already. ``report_after``: the
+    acknowledgements the leader needs from these followers to commit (0: no hint).
     """
     if distinct is None:
         distinct = distinct_entries(messages)
@@ -251,7 +258,7 @@ def encode_batch(seq: int, term: int, leader: str, messages: Sequence[Message],
             runs.append([index, run])
         e = distinct[index]
         run.append([e.term, e.data, int(e.type)])
-    return _pack(Kind.BATCH, [seq, term, leader, runs, targets, dict(addresses)])
+    return _pack(Kind.BATCH, [seq, term, leader, runs, targets, dict(addresses), report_after])
 
 
 def decode_batch(payload: Any) -> Batch:
@@ -260,7 +267,12 @@ def decode_batch(payload: Any) -> Batch:
     Raises:
         WireError: Malformed, or a target needs an entry the batch does not carry.
     """
-    seq, term, leader, runs, targets, addresses = _body(payload, Kind.BATCH, "a batch", 6)
+    body = _body(payload, Kind.BATCH, "a batch", None)
+    if len(body) == 6:
+        body.append(0)   # a leader that gives no hint
+    elif len(body) != 7:
+        raise WireError("a batch must be an array of 6 or 7")
+    seq, term, leader, runs, targets, addresses, report_after = body
     seq, term, leader = _int(seq, "seq"), _int(term, "term"), _id(leader, "leader")
     entries: dict[int, list[Any]] = {}
     for run in _list(runs, "runs"):
@@ -287,7 +299,8 @@ def decode_batch(payload: Any) -> Batch:
         _id(node, "address key")
         if type(address) is not str or len(address) > 300:
             raise WireError("an address must be a string")
-    return Batch(seq, term, leader, entries, tuple(checked), addresses)
+    return Batch(seq, term, leader, entries, tuple(checked), addresses,
+                 _int(report_after, "report_after"))
 
 
 # -- RELAY: secretary -> follower -------------------------------------------------------------

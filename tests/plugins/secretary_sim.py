@@ -85,7 +85,9 @@ class RelaySim:
         self.followers[node_id] = FollowerRelay(node_id, ttl=self.settings.reply_deadline)
         if node_id not in self.voters:
             return
-        leader = LeaderRelay(node_id, self.settings)
+        # The voters (no addresses: the simulated network needs none): batches carry the
+        # report hint as in a real cluster.
+        leader = LeaderRelay(node_id, self.settings, dict.fromkeys(self.voters, ""))
         for n, dc in {**self.voters, **self.helpers}.items():
             role = "voter" if n in self.voters else "observer"
             leader.member_changed(DirectoryEntry(n, role, dc, "alive", relay=True), self.now)

@@ -101,6 +101,8 @@ def raw(kind: int, body) -> list:
     raw(3, [1, "L", [[5, 1, 1, False, 0, b""]]]), raw(3, [1, "L", [[6, 1, 1, 0, 0, b""]]]),
     raw(4, [1, 1, [["f", 6, 1, 1, False, 0]], []]), raw(4, [1, 1, [], [7]]), raw(5, []),
     raw(5, ["x"]), raw(5, {"a": 1}),
+    raw(1, [1, 1, "L", [], [], {}, -1]), raw(1, [1, 1, "L", [], [], {}, True]),   # report_after
+    raw(1, [1, 1, "L", [], [], {}, 0, 0]),
 ])
 def test_malformed_payloads_are_wire_errors(payload):
     with pytest.raises(wire.WireError):
@@ -112,6 +114,11 @@ def test_malformed_payloads_are_wire_errors(payload):
         else:
             {wire.Kind.BATCH: wire.decode_batch, wire.Kind.REPLY: wire.decode_replies,
              wire.Kind.DIRECT: wire.decode_direct}[kind](payload)
+
+
+def test_a_batch_without_a_report_hint_is_read_as_no_hint():
+    body = [1, TERM, "L", [], [[7, "f1", 0, 0, 0, 3, b""]], {}]   # as a leader gives no hint
+    assert wire.decode_batch(raw(1, body)).report_after == 0
 
 
 def test_a_payload_of_another_kind_is_refused():
@@ -297,6 +304,42 @@ def targets_of(frames) -> list[tuple[str, str, int, int]]:
             for sec, payload in frames for t in wire.decode_batch(through_wire(payload)).targets]
 
 
+def test_each_batch_says_how_many_acknowledgements_the_leader_needs_to_commit():
+    # Six voters (quorum 4): L and w1 in west, e1-e4 in east behind the secretary.
+    voters = {v: f"10.0.0.{k}:1" for k, v in enumerate(("L", "w1", "e1", "e2", "e3", "e4"))}
+
+    def hint(relayed: set[str], *targets: str) -> int:
+        core = LeaderRelay("L", SETTINGS, voters)
+        for node in ("e1", "e2", "e3", "e4", "o1"):
+            core.member_changed(DirectoryEntry(node, "observer" if node == "o1" else "voter",
+                                               "east", "alive", relay=node in relayed), 0.0)
+        core.member_changed(DirectoryEntry("s1", "secretary", "east", "alive"), 0.0)
+        core.set_leadership(TERM, True)
+        [(_, payload)] = core.route([append(t, 10, 1) for t in targets], 1.0)
+        return wire.decode_batch(through_wire(payload)).report_after
+
+    east = {"e1", "e2", "e3", "e4", "o1"}
+    assert hint(east, "e1", "e2", "e3", "e4", "o1") == 2   # L and w1, and two of them
+    assert hint(east, "e1") == 2                # the same whichever of them a frame is for
+    assert hint(east, "o1") == 2
+    assert hint({"e1", "e2", "o1"}, "e1", "e2") == 0   # L, w1, e3, e4 (direct) are a quorum
+
+    # Two secretaries share the four east voters: the two acknowledgements needed are shared
+    # by how many voters each serves, and together they ask for at least two.
+    core = LeaderRelay("L", SETTINGS, voters)
+    for node in ("e1", "e2", "e3", "e4"):
+        core.member_changed(DirectoryEntry(node, "voter", "east", "alive", relay=True), 0.0)
+    for sec in ("s1", "s2"):
+        core.member_changed(DirectoryEntry(sec, "secretary", "east", "alive"), 0.0)
+    core.set_leadership(TERM, True)
+    hints = {}
+    for sec, payload in core.route([append(t, 10, 1) for t in ("e1", "e2", "e3", "e4")], 1.0):
+        batch = wire.decode_batch(through_wire(payload))
+        assert 1 <= batch.report_after <= len(batch.targets)
+        hints[sec] = batch.report_after
+    assert set(hints) == {"s1", "s2"} and sum(hints.values()) >= 2
+
+
 def test_commit_notice_waits_for_the_next_batch_and_is_replaced_by_it():
     core = leader_core(commit_delay=0.002)
     notices = [append("f0", 12, 0, commit=12), append("f1", 12, 0, commit=12)]
@@ -386,6 +429,19 @@ def test_stragglers_of_a_batch_go_back_together():
     assert sec.on_replies("f3", reply_from("f3"), 1.004) is True    # the last straggler
     _, payload = sec.flush(1.004)
     assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f2", "f3"]
+
+
+def test_secretary_reports_as_soon_as_the_leader_can_commit():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    msgs = [append(f, 10, 2) for f in ("f1", "f2", "f3", "f4")]
+    sec.on_batch("L", wire.decode_batch(through_wire(wire.encode_batch(
+        1, TERM, "L", msgs, {}, report_after=2))), 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.0005) is False
+    assert sec.on_replies("f2", reply_from("f2"), 1.0006) is True    # enough to commit
+    _, payload = sec.flush(1.0006)
+    assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f1", "f2"]
+    assert sec.on_replies("f3", reply_from("f3"), 1.001) is False    # f4 is still due
+    assert sec.on_replies("f4", reply_from("f4"), 1.0012) is True    # all in
 
 
 def test_a_follower_that_lost_its_replies_stops_holding_reports():
