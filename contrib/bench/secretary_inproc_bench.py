@@ -10,7 +10,12 @@ election timeout is five times longer, so that this process's node leads.
 Usage::
 
     python contrib/bench/secretary_inproc_bench.py [--followers 0 2 4 8] [--seconds 8]
-        [--window 16] [--value-bytes 1024] [--repeat 3]
+        [--window 16 | --rate 1000] [--value-bytes 1024] [--repeat 3]
+
+``--window`` keeps that many writes in flight (closed loop): the clusters then run at their own
+speeds, and CPU per write also reflects how well each batches. ``--rate`` submits that many
+writes per second whatever the latency (open loop): both clusters do the same work per second,
+and CPU per write compares the leader's work alone.
 
 Prints one JSON line per run and a Markdown table of the medians. The leader's CPU is this
 process's (user + system), per 10,000 acknowledged writes. Benchmarks assert nothing.
@@ -46,6 +51,12 @@ LEADER = "n1"
 WEST = {"n1", "n2"}
 SLOWER = 5   # the other nodes' election timeout, in multiples of the leader's
 WAIT_S = 60.0
+PACE_S = 0.005          # with --rate: how often writes are submitted
+MAX_IN_FLIGHT = 1000    # with --rate: writes beyond this many in flight are skipped
+#: Entries saved, saves, Readies, secretary reports: how much each round of work carries (CPU
+#: per write depends on it).
+BATCHING = ("bwraft_storage_save_entries_sum", "bwraft_storage_save_entries_count",
+            "bwraft_readies_total", "bwraft_secretary_leader_reports_total")
 
 
 @dataclass
@@ -56,6 +67,9 @@ class Result:
     cpu_per_10k_writes: float
     writes_per_second: float
     bytes_per_entry: float
+    entries_per_save: float
+    readies_per_write: float
+    reports_per_write: float
 
 
 def sample(node: RaftNode, name: str) -> float:
@@ -133,27 +147,55 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
 
             def settle() -> None:
                 counts["in_flight"] -= 1
-                if time.perf_counter() < deadline:
+                if not args.rate and time.perf_counter() < deadline:
                     submit()
-                elif counts["in_flight"] == 0 and not done.called:
+                elif counts["in_flight"] == 0 and time.perf_counter() >= deadline \
+                        and not done.called:
                     done.callback(None)
 
-            for _ in range(args.window):
-                submit()
+            if not args.rate:
+                for _ in range(args.window):
+                    submit()
+                await done
+                return counts["ok"]
+            # Open loop: ``--rate`` writes per second whatever the latency, so that both
+            # clusters do the same work per second and CPU per write compares like with like.
+            begun, paced = time.perf_counter(), 0
+
+            def pace() -> None:
+                nonlocal paced
+                now = time.perf_counter()
+                if now >= deadline:
+                    pacer.stop()
+                    if counts["in_flight"] == 0 and not done.called:
+                        done.callback(None)
+                    return
+                due = int((now - begun) * args.rate) - paced
+                for _ in range(min(due, MAX_IN_FLIGHT - counts["in_flight"])):
+                    submit()
+                paced += due   # what could not be submitted is skipped, not queued
+
+            pacer = task.LoopingCall(pace)
+            pacer.clock = reactor
+            pacer.start(PACE_S)
             await done
             return counts["ok"]
 
         await drive(1.0)   # warm-up
         cpu0, sent0 = own_cpu_seconds(), sample(node, "bwraft_transport_sent_bytes_total")
+        counts0 = [sample(node, name) for name in BATCHING]
         commit0, started = node.kernel.commit_index, time.perf_counter()
         writes = await drive(args.seconds)
         seconds = time.perf_counter() - started
         cpu = own_cpu_seconds() - cpu0
         committed = max(1, node.kernel.commit_index - commit0)
         sent = sample(node, "bwraft_transport_sent_bytes_total") - sent0
+        saved, saves, readies, reports = (sample(node, name) - c0
+                                          for name, c0 in zip(BATCHING, counts0))
         return Result(followers, with_secretary, writes,
                       round(cpu / max(1, writes) * 10_000, 2), round(writes / seconds, 1),
-                      round(sent / committed, 1))
+                      round(sent / committed, 1), round(saved / max(1, saves), 1),
+                      round(readies / max(1, writes), 2), round(reports / max(1, writes), 3))
     finally:
         if node is not None:
             await node.stopService()
@@ -164,7 +206,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--followers", type=int, nargs="+", default=[0, 2, 4, 8])
     ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--window", type=int, default=16)
+    ap.add_argument("--window", type=int, default=16,
+                    help="writes in flight (closed loop; the default)")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="writes per second, open loop (0: closed loop with --window)")
     ap.add_argument("--value-bytes", type=int, default=1024)
     ap.add_argument("--tick-ms", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=1)
@@ -192,14 +237,17 @@ def table(runs: list[Result]) -> str:
     groups: dict[tuple[int, bool], list[Result]] = {}
     for r in runs:
         groups.setdefault((r.followers, r.secretary), []).append(r)
-    rows = ["| N east | secretary | leader CPU s/10k writes | writes/s | bytes/entry |",
-            "|---|---|---|---|---|"]
+    rows = ["| N east | secretary | leader CPU s/10k writes | writes/s | bytes/entry "
+            "| entries/save | reports/write |",
+            "|---|---|---|---|---|---|---|"]
     for (n, sec), rs in sorted(groups.items()):
         med = {f: statistics.median(getattr(r, f) for r in rs)
-               for f in ("cpu_per_10k_writes", "writes_per_second", "bytes_per_entry")}
+               for f in ("cpu_per_10k_writes", "writes_per_second", "bytes_per_entry",
+                         "entries_per_save", "reports_per_write")}
         rows.append(f"| {'leader alone' if n == 0 else n} | {'yes' if sec else 'no'} | "
                     f"{med['cpu_per_10k_writes']:.2f} | {med['writes_per_second']:.0f} | "
-                    f"{med['bytes_per_entry']:,.0f} |")
+                    f"{med['bytes_per_entry']:,.0f} | {med['entries_per_save']:.1f} | "
+                    f"{med['reports_per_write']:.2f} |")
     return "\n".join(rows)
 
 
