@@ -24,7 +24,8 @@ from bwraft_plugins import secretary_wire as wire
 
 __all__ = ["FollowerRelay", "FollowerStats", "SecretaryRelay", "SecretaryStats"]
 
-#: A follower that has owed replies for this many report delays no longer holds reports back.
+#: A follower that has been owing replies for this many report delays without a break no
+#: longer holds reports back.
 STALE_OWED_FACTOR = 10
 
 
@@ -65,7 +66,7 @@ class SecretaryRelay:
         self._ack_seq = 0
         self._reported_seq = 0
         self._replies: list[tuple[str, list[Any]]] = []
-        #: follower -> [replies it still owes, when the oldest of them was relayed].
+        #: follower -> [replies it still owes, since when it has owed any].
         self._awaiting: dict[str, list[Any]] = {}
         #: Followers that answered since the last report, and how many the leader needs to
         #: commit (its hint in the latest batch; 0: none).
@@ -135,15 +136,15 @@ class SecretaryRelay:
         if self.leader is None or replies.term != self.term or replies.leader != self.leader:
             self.stats.drop("stale_reply")  # never forward a reply of another assignment
             return False
+        if not replies.items:
+            return False
         for item in replies.items:
             self._replies.append((peer, item))
         self._answered.add(peer)
         owed = self._awaiting.get(peer)
         if owed is not None:
             owed[0] -= len(replies.items)
-            if owed[0] > 0:
-                owed[1] = now   # it is answering: what it still owes is recent
-            else:
+            if owed[0] <= 0:
                 del self._awaiting[peer]
         if self.flush_at is None:
             self.flush_at = now + self.max_delay
@@ -161,7 +162,10 @@ class SecretaryRelay:
         self.flush_at = None
         # Replies still owed stay owed across reports, so that the stragglers of a batch go
         # back together in one more report rather than one report each. A follower that has
-        # owed replies for a while lost them (or the relay to it): it no longer holds reports.
+        # owed replies for a while without a break may have lost some (with the relay to it):
+        # its count is forgotten, so that it no longer holds reports back; the next relay to
+        # it counts afresh. Only when reports leave depends on these counts, never what they
+        # carry.
         stale = now - STALE_OWED_FACTOR * self.max_delay
         for follower in [f for f, (_, since) in self._awaiting.items() if since < stale]:
             del self._awaiting[follower]

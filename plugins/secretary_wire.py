@@ -12,7 +12,8 @@ batch). The bodies, shown with their kind in front:
   commit, context]`` per kernel message, whose entries are ``index + 1 .. index + count``;
   ``addresses`` maps a follower id to its raft ``host:port`` (sent once per assignment);
   ``report_after`` (optional, 0: none) is how many of these followers' acknowledgements the
-  leader needs to commit: report as soon as that many have answered.
+  leader needs to commit: report as soon as that many have answered. A secretary ignores any
+  further fields (a later leader's additions).
 - ``RELAY`` secretary -> follower: ``2: [term, leader, [[type, log_term, index, commit,
   context, [[term, data, type], ...]], ...]]``: the leader's messages to this follower.
 - ``REPLY`` follower -> secretary: ``3: [term, leader, [[type, index, log_term, reject,
@@ -270,9 +271,10 @@ def decode_batch(payload: Any) -> Batch:
     body = _body(payload, Kind.BATCH, "a batch", None)
     if len(body) == 6:
         body.append(0)   # a leader that gives no hint
-    elif len(body) != 7:
-        raise WireError("a batch must be an array of 6 or 7")
-    seq, term, leader, runs, targets, addresses, report_after = body
+    elif len(body) < 6:
+        raise WireError("a batch must be an array of at least 6")
+    # Fields after the seventh are a later leader's additions: they are left alone.
+    seq, term, leader, runs, targets, addresses, report_after = body[:7]
     seq, term, leader = _int(seq, "seq"), _int(term, "term"), _id(leader, "leader")
     entries: dict[int, list[Any]] = {}
     for run in _list(runs, "runs"):

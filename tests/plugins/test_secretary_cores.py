@@ -102,7 +102,8 @@ def raw(kind: int, body) -> list:
     raw(4, [1, 1, [["f", 6, 1, 1, False, 0]], []]), raw(4, [1, 1, [], [7]]), raw(5, []),
     raw(5, ["x"]), raw(5, {"a": 1}),
     raw(1, [1, 1, "L", [], [], {}, -1]), raw(1, [1, 1, "L", [], [], {}, True]),   # report_after
-    raw(1, [1, 1, "L", [], [], {}, 0, 0]),
+    raw(1, [1, 1, "L", [], [], {}, "2"]), raw(1, [1, 1, "L", [], [], {}, 2**64 - 1]),
+    raw(1, [1, 1, "L", [], []]),
 ])
 def test_malformed_payloads_are_wire_errors(payload):
     with pytest.raises(wire.WireError):
@@ -116,9 +117,11 @@ def test_malformed_payloads_are_wire_errors(payload):
              wire.Kind.DIRECT: wire.decode_direct}[kind](payload)
 
 
-def test_a_batch_without_a_report_hint_is_read_as_no_hint():
+def test_a_batch_without_a_report_hint_is_read_as_no_hint_and_later_fields_are_ignored():
     body = [1, TERM, "L", [], [[7, "f1", 0, 0, 0, 3, b""]], {}]   # as a leader gives no hint
     assert wire.decode_batch(raw(1, body)).report_after == 0
+    later = wire.decode_batch(raw(1, body + [3, "a later leader's field"]))
+    assert later.report_after == 3 and [t.to for t in later.targets] == ["f1"]
 
 
 def test_a_payload_of_another_kind_is_refused():
@@ -332,12 +335,12 @@ def test_each_batch_says_how_many_acknowledgements_the_leader_needs_to_commit():
     for sec in ("s1", "s2"):
         core.member_changed(DirectoryEntry(sec, "secretary", "east", "alive"), 0.0)
     core.set_leadership(TERM, True)
-    hints = {}
-    for sec, payload in core.route([append(t, 10, 1) for t in ("e1", "e2", "e3", "e4")], 1.0):
-        batch = wire.decode_batch(through_wire(payload))
-        assert 1 <= batch.report_after <= len(batch.targets)
-        hints[sec] = batch.report_after
-    assert set(hints) == {"s1", "s2"} and sum(hints.values()) >= 2
+    frames = core.route([append(t, 10, 1) for t in ("e1", "e2", "e3", "e4")], 1.0)
+    served = {sec: [t.to for t in wire.decode_batch(through_wire(p)).targets]
+              for sec, p in frames}
+    assert served == {"s1": ["e3"], "s2": ["e1", "e2", "e4"]}   # the stable hash's split
+    hints = {sec: wire.decode_batch(through_wire(p)).report_after for sec, p in frames}
+    assert hints == {"s1": 1, "s2": 2}   # 2 x 1/4 and 2 x 3/4, rounded up
 
 
 def test_commit_notice_waits_for_the_next_batch_and_is_replaced_by_it():
@@ -442,6 +445,33 @@ def test_secretary_reports_as_soon_as_the_leader_can_commit():
     assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f1", "f2"]
     assert sec.on_replies("f3", reply_from("f3"), 1.001) is False    # f4 is still due
     assert sec.on_replies("f4", reply_from("f4"), 1.0012) is True    # all in
+
+
+def test_a_follower_that_keeps_owing_stops_holding_reports_even_while_it_answers():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    # f1 loses one of two relays; it goes on answering the later ones, one short each time.
+    sec.on_batch("L", batch(1, msgs=[append("f1", 10, 1), append("f1", 11, 1),
+                                     append("f2", 10, 2)]), 1.0)
+    sec.on_replies("f1", reply_from("f1"), 1.001)
+    assert sec.on_replies("f2", reply_from("f2"), 1.001) is False   # f1 still owes one
+    sec.flush(1.002)
+    sec.on_batch("L", batch(2, msgs=[append("f1", 12, 1), append("f2", 12, 1)]), 1.01)
+    sec.on_replies("f1", reply_from("f1"), 1.011)
+    assert sec.on_replies("f2", reply_from("f2"), 1.011) is False   # owing since 1.0
+    sec.flush(1.0 + STALE_OWED_FACTOR * 0.002 + 0.001)               # stale: forgotten
+    sec.on_batch("L", batch(3, msgs=[append("f1", 13, 1), append("f2", 13, 1)]), 1.03)
+    assert sec.on_replies("f1", reply_from("f1"), 1.031) is False
+    assert sec.on_replies("f2", reply_from("f2"), 1.031) is True     # counted afresh
+
+
+def test_an_empty_reply_frame_counts_for_nothing():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    sec.on_batch("L", wire.decode_batch(through_wire(wire.encode_batch(
+        1, TERM, "L", [append("f1", 10, 1), append("f2", 10, 1)], {}, report_after=1))), 1.0)
+    empty = wire.decode_replies(through_wire(wire.encode_replies(TERM, "L", [])))
+    assert sec.on_replies("f2", empty, 1.0005) is False
+    assert sec.flush_at == pytest.approx(1.002)
+    assert sec.on_replies("f1", reply_from("f1"), 1.001) is True     # the one it needs
 
 
 def test_a_follower_that_lost_its_replies_stops_holding_reports():
