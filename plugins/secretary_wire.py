@@ -6,14 +6,13 @@ is ``[kind, body]``: the :class:`Kind`, and the body packed with msgpack into on
 batch). The bodies, shown with their kind in front:
 
 - ``BATCH`` leader -> secretary: ``1: [seq, term, leader, runs, targets, addresses,
-  report_after]``. ``runs``
-  holds each distinct entry of the batch once, as ``[first_index, [[term, data, type], ...]]``
-  runs of consecutive indexes; ``targets`` holds one ``[type, to, log_term, index, count,
-  commit, context]`` per kernel message, whose entries are ``index + 1 .. index + count``;
-  ``addresses`` maps a follower id to its raft ``host:port`` (sent once per assignment);
-  ``report_after`` (optional, 0: none) is how many of these followers' acknowledgements the
-  leader needs to commit: report as soon as that many have answered. A secretary ignores any
-  further fields (a later leader's additions).
+  report_after]``. ``runs`` holds each distinct entry of the batch once, as ``[first_index,
+  [[term, data, type], ...]]`` runs of consecutive indexes; ``targets`` holds one ``[type, to,
+  log_term, index, count, commit, context]`` per kernel message, whose entries are ``index + 1
+  .. index + count``; ``addresses`` maps a follower id to its raft ``host:port`` (sent once per
+  assignment); ``report_after`` (optional, 0: none) is how many of these followers'
+  acknowledgements the leader needs to commit: report as soon as that many have answered. A
+  secretary ignores any further fields (a later leader's additions).
 - ``RELAY`` secretary -> follower: ``2: [term, leader, [[type, log_term, index, commit,
   context, [[term, data, type], ...]], ...]]``: the leader's messages to this follower.
 - ``REPLY`` follower -> secretary: ``3: [term, leader, [[type, index, log_term, reject,
