@@ -10,8 +10,10 @@ election timeout is five times longer, so that this process's node leads.
 Usage::
 
     python contrib/bench/secretary_inproc_bench.py [--followers 0 2 4 8] [--seconds 8]
-        [--window 16 | --rate 1000] [--value-bytes 1024] [--repeat 3]
+        [--window 16 | --rate 1000] [--value-bytes 1024] [--leader-cpu 0] [--repeat 3]
 
+``--leader-cpu 0`` runs the leader on CPU 0 alone and every other node on the other CPUs, so
+that the leader's CPU time is its own work, not slowed by sharing a core with its followers.
 ``--window`` keeps that many writes in flight (closed loop): the clusters then run at their own
 speeds, and CPU per write also reflects how well each batches. ``--rate`` submits that many
 writes per second whatever the latency (open loop): both clusters do the same work per second,
@@ -24,13 +26,16 @@ process's (user + system), per 10,000 acknowledged writes. Benchmarks assert not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet import defer, task
@@ -72,6 +77,20 @@ class Result:
     reports_per_write: float
 
 
+@contextlib.contextmanager
+def other_cpus(leader_cpu: int | None) -> Iterator[None]:
+    """With ``--leader-cpu``: processes started inside run on every CPU but the leader's
+    (a child inherits the starting thread's CPUs); this thread stays on the leader's."""
+    if leader_cpu is None:
+        yield
+        return
+    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - {leader_cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, {leader_cpu})
+
+
 def sample(node: RaftNode, name: str) -> float:
     """The sum of a metric's samples in the in-process node's registry."""
     return sum(s.value for m in node.registry.collect() for s in m.samples if s.name == name)
@@ -100,7 +119,8 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
             # Top-level keys come before any table in TOML, so a first line is enough.
             info.config.write_text(f"election_ticks = {10 * SLOWER}\n"
                                    + info.config.read_text(encoding="utf-8"), encoding="utf-8")
-            local.start_node(cluster, node_id)
+            with other_cpus(args.leader_cpu):
+                local.start_node(cluster, node_id)
         config = load_config(cluster.nodes[LEADER].config)
         node = RaftNode(config, PluginHost.from_config(config), reactor)
         node.startService()
@@ -211,9 +231,16 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=0.0,
                     help="writes per second, open loop (0: closed loop with --window)")
     ap.add_argument("--value-bytes", type=int, default=1024)
+    ap.add_argument("--leader-cpu", type=int, default=None,
+                    help="pin the leader (this process) to this CPU and the other nodes to "
+                         "the rest, as if the leader had a machine of its own")
     ap.add_argument("--tick-ms", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
+    if args.leader_cpu is not None:
+        if not 0 <= args.leader_cpu < (os.cpu_count() or 1) or os.cpu_count() == 1:
+            ap.error("--leader-cpu needs another CPU for the other nodes")
+        os.sched_setaffinity(0, {args.leader_cpu})
     configure_logging("warning", "json")
     tune_gc()   # as `twistd bwraft` does for a node process
     runs: list[Result] = []
