@@ -153,6 +153,8 @@ class LeaderRelay:
         self._silent: dict[str, int] = {}
         self._assignment: dict[str, str | None] = {}
         self._assignment_expires = float("inf")
+        #: secretary -> its report hint, for the assignment above.
+        self._hints: dict[str, int] = {}
         self._pending_takebacks: list[TakeBack] = []
         #: follower -> its latest entry-less APPEND, waiting for the next batch (commit_delay).
         self._held: dict[str, Message] = {}
@@ -169,7 +171,7 @@ class LeaderRelay:
             return []
         before = self.directory.get(entry.id)
         self.directory[entry.id] = entry
-        self._assignment.clear()
+        self._reset_assignment()
         out: list[TakeBack] = []
         if entry.role == SECRETARY_ROLE:
             track = self._secretaries.get(entry.id)
@@ -182,7 +184,7 @@ class LeaderRelay:
     def forget(self, member_id: str, now: float) -> list[TakeBack]:
         """The member is gone from the gossip view."""
         entry = self.directory.pop(member_id, None)
-        self._assignment.clear()
+        self._reset_assignment()
         if entry is not None and entry.role == SECRETARY_ROLE:
             return self._take_back(member_id, "left", now, bench=False)
         return []
@@ -225,7 +227,7 @@ class LeaderRelay:
     def secretary_for(self, target: str, now: float) -> str | None:
         """The secretary that serves ``target`` now, or None for direct replication."""
         if now >= self._assignment_expires:
-            self._assignment.clear()
+            self._reset_assignment()
         if not self._assignment:
             self._assignment_expires = min(
                 [t.benched_until for t in self._secretaries.values() if t.benched_until > now]
@@ -244,6 +246,12 @@ class LeaderRelay:
                 chosen = max(candidates, key=lambda s: _score(s, key))
         self._assignment[target] = chosen
         return chosen
+
+    def _reset_assignment(self) -> None:
+        """Who serves which follower must be worked out again (membership, a take-back, a
+        bench that ended)."""
+        self._assignment.clear()
+        self._hints.clear()
 
     def assignment(self, now: float) -> dict[str, list[str]]:
         """Secretary -> the followers it serves (those the leader has sent anything so far)."""
@@ -398,12 +406,18 @@ class LeaderRelay:
         it replicates to directly answers), shared among the secretaries by how many voters
         each serves; 0 when the direct voters are a quorum. A hint only: a secretary that
         reports earlier or later changes no decision, only when the leader hears it."""
-        voters = self.voter_addresses
-        by_secretary = [self.secretary_for(v, now) for v in voters]
-        relayed = sum(1 for s in by_secretary if s is not None)
-        served = by_secretary.count(secretary)
-        need = len(voters) // 2 + 1 - (len(voters) - relayed)
-        return -(-need * served // relayed) if need > 0 and served else 0   # ceil
+        if now >= self._assignment_expires:
+            self._reset_assignment()   # as secretary_for would: a bench has ended
+        hint = self._hints.get(secretary)
+        if hint is None:
+            voters = self.voter_addresses
+            by_secretary = [self.secretary_for(v, now) for v in voters]
+            relayed = sum(1 for s in by_secretary if s is not None)
+            served = by_secretary.count(secretary)
+            need = len(voters) // 2 + 1 - (len(voters) - relayed)
+            hint = -(-need * served // relayed) if need > 0 and served else 0   # ceil
+            self._hints[secretary] = hint
+        return hint
 
     def send_failed(self, secretary: str, now: float) -> list[TakeBack]:
         """A BATCH frame could not even be queued for ``secretary``."""
@@ -461,7 +475,7 @@ class LeaderRelay:
         misses = self._silent[target] = self._silent.get(target, 0) + 1
         factor = min(2 ** (misses - 1), MAX_BENCH_FACTOR)
         self._direct_until[target] = now + self.settings.rehire_after * factor
-        self._assignment.clear()
+        self._reset_assignment()
         self.stats.takebacks[reason] = self.stats.takebacks.get(reason, 0) + 1
         return [TakeBack(secretary, (target,), reason)]
 
@@ -481,7 +495,7 @@ class LeaderRelay:
             track.misses += 1
             factor = min(2 ** (track.misses - 1), MAX_BENCH_FACTOR)
             track.benched_until = now + self.settings.rehire_after * factor
-        self._assignment.clear()
+        self._reset_assignment()
         targets = tuple(sorted(t for t, s in self._served.items() if s == secretary))
         self._drop_held(targets)
         for t in targets:

@@ -341,6 +341,16 @@ def test_each_batch_says_how_many_acknowledgements_the_leader_needs_to_commit():
     assert served == {"s1": ["e3"], "s2": ["e1", "e2", "e4"]}   # the stable hash's split
     hints = {sec: wire.decode_batch(through_wire(p)).report_after for sec, p in frames}
     assert hints == {"s1": 1, "s2": 2}   # 2 x 1/4 and 2 x 3/4, rounded up
+    # The hint follows the assignment: with s1 suspected, s2 serves all four.
+    core.member_changed(DirectoryEntry("s1", "secretary", "east", "suspect"), 1.1)
+    [(sec, payload)] = core.route([append("e1", 11, 1)], 1.1)
+    assert (sec, wire.decode_batch(through_wire(payload)).report_after) == ("s2", 2)
+    # ... and with e1 served directly for a while (s2 could not reach it), L, w1 and e1 need
+    # one acknowledgement more.
+    core.on_report("s2", wire.decode_report(through_wire(wire.encode_report(
+        TERM, 99, [], {"e1"})), "L"), 1.2)
+    [(sec, payload)] = core.route([append("e2", 11, 1)], 1.2)
+    assert (sec, wire.decode_batch(through_wire(payload)).report_after) == ("s2", 1)
 
 
 def test_commit_notice_waits_for_the_next_batch_and_is_replaced_by_it():
