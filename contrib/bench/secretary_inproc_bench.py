@@ -33,9 +33,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet import defer, task
