@@ -1,7 +1,8 @@
 """What a secretary saves the leader when no client API is in the leader's path.
 
-The same clusters as ``secretary_bench.py`` (``west``: the leader ``n1`` and one follower;
-``east``: N followers and, in the second cluster, one secretary; SQLite, ``synchronous=FULL``),
+The same clusters as ``secretary_bench.py`` (``west``: the leader ``n1`` and one follower, or
+``--local-followers`` of them; ``east``: N followers and, in the second cluster, one secretary;
+SQLite, ``synchronous=FULL``),
 but the leader runs in this process and proposals are submitted with ``RaftNode.propose``,
 ``--window`` in flight, for ``--seconds``: the leader's CPU is then what proposing, saving,
 applying and replicating cost, without HTTP. The other nodes are ``twistd`` processes whose
@@ -11,13 +12,15 @@ Usage::
 
     python contrib/bench/secretary_inproc_bench.py [--followers 0 2 4 8] [--seconds 8]
         [--window 16 | --rate 1000] [--value-bytes 1024] [--leader-cpu 0] [--repeat 3]
+        [--local-followers 1]
 
 ``--leader-cpu 0`` runs the leader on CPU 0 alone and every other node on the other CPUs, so
 that the leader's CPU time is its own work, not slowed by sharing a core with its followers.
 ``--window`` keeps that many writes in flight (closed loop): the clusters then run at their own
 speeds, and CPU per write also reflects how well each batches. ``--rate`` submits that many
 writes per second whatever the latency (open loop): both clusters do the same work per second,
-and CPU per write compares the leader's work alone.
+and CPU per write compares the leader's work alone. ``--local-followers 0`` leaves the leader
+alone in its datacenter, so that every follower is in the remote one.
 
 Prints one JSON line per run and a Markdown table of the medians. The leader's CPU is this
 process's (user + system), per 10,000 acknowledged writes. Benchmarks assert nothing.
@@ -53,15 +56,15 @@ from bwraft_plugins.kv import encode_command
 from benchlib import own_cpu_seconds
 
 LEADER = "n1"
-WEST = {"n1", "n2"}
 SLOWER = 5   # the other nodes' election timeout, in multiples of the leader's
 WAIT_S = 60.0
 PACE_S = 0.005          # with --rate: how often writes are submitted
 MAX_IN_FLIGHT = 1000    # with --rate: writes beyond this many in flight are skipped
 #: Entries saved, saves, Readies, secretary reports: how much each round of work carries (CPU
-#: per write depends on it).
+#: per write depends on it); and take-backs, each of which sends a while directly.
 BATCHING = ("bwraft_storage_save_entries_sum", "bwraft_storage_save_entries_count",
-            "bwraft_readies_total", "bwraft_secretary_leader_reports_total")
+            "bwraft_readies_total", "bwraft_secretary_leader_reports_total",
+            "bwraft_secretary_takebacks_total")
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Result:
     entries_per_save: float
     readies_per_write: float
     reports_per_write: float
+    takebacks: int
 
 
 @contextlib.contextmanager
@@ -103,12 +107,14 @@ async def pause(reactor: Any, seconds: float) -> None:
 async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool,
                   args: argparse.Namespace) -> Result:
     alone = followers == 0
+    local_followers = 0 if alone else args.local_followers
+    west = {f"n{k}" for k in range(1, 2 + local_followers)}   # the leader and its neighbours
     cluster = local.plan(base / f"n{followers}-{'sec' if with_secretary else 'direct'}",
-                         voters=1 if alone else 2 + followers,
+                         voters=1 + local_followers + followers,
                          secretaries=1 if with_secretary else 0,
                          tick_ms=args.tick_ms, datacenters=("west", "east"))
     for node_id, node in list(cluster.nodes.items()):
-        cluster.nodes[node_id] = replace(node, datacenter="west" if node_id in WEST else "east")
+        cluster.nodes[node_id] = replace(node, datacenter="west" if node_id in west else "east")
     cluster.dir.mkdir(parents=True)
     local.write_files(cluster)
     node: RaftNode | None = None
@@ -127,7 +133,7 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
         await node.when_started()
         give_up = time.monotonic() + WAIT_S
         east = sorted(n for n, i in cluster.nodes.items()
-                      if i.role == "voter" and n not in WEST)
+                      if i.role == "voter" and n not in west)
         while True:
             kernel = node.kernel
             leading = kernel is not None and kernel.role is StateRole.LEADER \
@@ -210,12 +216,13 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
         cpu = own_cpu_seconds() - cpu0
         committed = max(1, node.kernel.commit_index - commit0)
         sent = sample(node, "bwraft_transport_sent_bytes_total") - sent0
-        saved, saves, readies, reports = (sample(node, name) - c0
-                                          for name, c0 in zip(BATCHING, counts0))
+        saved, saves, readies, reports, takebacks = (sample(node, name) - c0
+                                                     for name, c0 in zip(BATCHING, counts0))
         return Result(followers, with_secretary, writes,
                       round(cpu / max(1, writes) * 10_000, 2), round(writes / seconds, 1),
                       round(sent / committed, 1), round(saved / max(1, saves), 1),
-                      round(readies / max(1, writes), 2), round(reports / max(1, writes), 3))
+                      round(readies / max(1, writes), 2), round(reports / max(1, writes), 3),
+                      int(takebacks))
     finally:
         if node is not None:
             await node.stopService()
@@ -234,6 +241,8 @@ def main() -> int:
     ap.add_argument("--leader-cpu", type=int, default=None,
                     help="pin the leader (this process) to this CPU and the other nodes to "
                          "the rest, as if the leader had a machine of its own")
+    ap.add_argument("--local-followers", type=int, default=1,
+                    help="followers in the leader's datacenter (0: all are remote)")
     ap.add_argument("--tick-ms", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
@@ -261,22 +270,30 @@ def main() -> int:
 
 
 def table(runs: list[Result]) -> str:
+    """Medians per cluster; "change" is the median over repeats of each secretary run's leader
+    CPU against the direct run just before it (the pair ran back to back, so the machine's
+    drift between repeats cancels out)."""
     groups: dict[tuple[int, bool], list[Result]] = {}
     for r in runs:
         groups.setdefault((r.followers, r.secretary), []).append(r)
-    rows = ["| N east | secretary | leader CPU s/10k writes | writes/s | bytes/entry "
-            "| entries/save | reports/write |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| N east | secretary | leader CPU s/10k writes | change (paired) | writes/s "
+            "| bytes/entry | entries/save | reports/write | take-backs |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for (n, sec), rs in sorted(groups.items()):
         med = {f: statistics.median(getattr(r, f) for r in rs)
                for f in ("cpu_per_10k_writes", "writes_per_second", "bytes_per_entry",
                          "entries_per_save", "reports_per_write")}
+        change = ""
+        if sec:
+            ratios = [s.cpu_per_10k_writes / d.cpu_per_10k_writes
+                      for d, s in zip(groups[(n, False)], rs)]
+            change = f"{statistics.median(ratios) - 1:+.0%}"
         rows.append(f"| {'leader alone' if n == 0 else n} | {'yes' if sec else 'no'} | "
-                    f"{med['cpu_per_10k_writes']:.2f} | {med['writes_per_second']:.0f} | "
+                    f"{med['cpu_per_10k_writes']:.2f} | {change} | "
+                    f"{med['writes_per_second']:.0f} | "
                     f"{med['bytes_per_entry']:,.0f} | {med['entries_per_save']:.1f} | "
-                    f"{med['reports_per_write']:.2f} |")
+                    f"{med['reports_per_write']:.2f} | {sum(r.takebacks for r in rs)} |")
     return "\n".join(rows)
-
 
 if __name__ == "__main__":
     sys.exit(main())
