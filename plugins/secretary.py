@@ -239,6 +239,8 @@ class SecretaryPlugin:
         if kernel.role is not StateRole.LEADER:
             leader.set_leadership(None, False)
             return False
+        if leader.ready and leader.term == kernel.term:
+            return True   # the term's own entry, once committed, stays committed in the term
         leader.set_leadership(kernel.term, kernel.term_at(kernel.commit_index) == kernel.term)
         return True
 

@@ -273,43 +273,54 @@ class LeaderRelay:
         """
         if not self.ready:
             return []
-        me, term = self.node_id, self.term
+        if now >= self._assignment_expires:
+            self._reset_assignment()   # a bench or a direct spell has ended
+        # This runs for every outgoing batch of the leader: one pass, plain lookups.
+        me, term, assignment = self.node_id, self.term, self._assignment
+        requests, append = wire.REQUESTS, wire.MT.APPEND
         hold = self.settings.commit_delay > 0
+        held = self._held
         taken: dict[str, list[Message]] = {}
         keep: list[Message] = []
         for m in messages:
-            sec = None
-            if m.frm == me and m.term == term and m.type in wire.REQUESTS:
-                sec = self.secretary_for(m.to, now)
-            if sec is None or not wire.appendable(m):
+            if m.frm != me or m.term != term or m.type not in requests:
                 keep.append(m)
-            elif hold and m.type is wire.MT.APPEND:
+                continue
+            to, entries = m.to, m.entries
+            sec = assignment[to] if to in assignment else self.secretary_for(to, now)
+            if sec is None or (entries and (entries[0].index != m.index + 1  # appendable()
+                                            or entries[-1].index != m.index + len(entries))):
+                keep.append(m)
+            elif hold and m.type is append:
                 # The commit index reaches a follower with any later APPEND (Raft §5.3: it
                 # commits up to min(leaderCommit, its last new entry)); under load the next
                 # batch comes within a few milliseconds, and one frame and one report per
                 # batch are saved. A message replaced is one the network lost: always safe.
-                if self._held.pop(m.to, None) is not None:
+                if held and held.pop(to, None) is not None:
                     self.stats.folded_notices += 1
-                if m.entries:
+                if entries:
                     taken.setdefault(sec, []).append(m)
                 else:
-                    self._held[m.to] = m
+                    held[to] = m
                     if self.held_until is None:
                         self.held_until = now + self.settings.commit_delay
             else:
                 taken.setdefault(sec, []).append(m)
-        if taken and self._held:
+        if taken and held:
             # A frame goes to these secretaries anyway: held notices ride along for free
             # (first: they are older than anything else this batch has for their follower).
-            for target in list(self._held):
+            riding: dict[str, list[Message]] = {}
+            for target in list(held):
                 sec = self.secretary_for(target, now)
                 if sec in taken:
-                    taken[sec].insert(0, self._held.pop(target))
-        if not self._held:
+                    riding.setdefault(sec, []).append(held.pop(target))
+            for sec, notices in riding.items():
+                taken[sec] = notices + taken[sec]
+        if not held:
             self.held_until = None
         if len(keep) == len(messages):
             return []
-        frames = self._frames(taken, keep, now)
+        frames = self._frames(taken, keep, now) if taken else []
         messages[:] = keep
         return frames
 
@@ -381,22 +392,27 @@ class LeaderRelay:
                now: float) -> list[Any]:
         self._seq += 1
         addresses = {}
+        served, waiting, sent = self._served, self._waiting_since, track.addresses_sent
+        relayed_entries = 0
         for m in msgs:
-            self._served[m.to] = track.id
-            self._waiting_since.setdefault(m.to, now)
-            if m.to not in track.addresses_sent:
-                address = self.voter_addresses.get(m.to) or getattr(
-                    self.directory.get(m.to), "raft_addr", "")
+            to = m.to
+            served[to] = track.id
+            if to not in waiting:
+                waiting[to] = now
+            if to not in sent:
+                address = self.voter_addresses.get(to) or getattr(
+                    self.directory.get(to), "raft_addr", "")
                 if address:
-                    addresses[m.to] = address
-                track.addresses_sent.add(m.to)
+                    addresses[to] = address
+                sent.add(to)
+            relayed_entries += len(m.entries)
         track.outstanding.append((self._seq, now))
         payload = wire.encode_batch(self._seq, self.term, self.node_id, msgs, addresses,
                                     distinct, self._report_after(track.id, now))
         st = self.stats
         st.frames += 1
         st.relayed_messages += len(msgs)
-        st.relayed_entries += sum(len(m.entries) for m in msgs)
+        st.relayed_entries += relayed_entries
         st.sent_entries += len(distinct)
         return payload
 

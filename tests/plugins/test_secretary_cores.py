@@ -372,7 +372,7 @@ def test_commit_notice_rides_along_or_goes_alone_when_its_wait_is_over():
     core.route([append("f1", 12, 0, commit=12), append("f2", 12, 0, commit=12)], 1.0)
     # A heartbeat to f2 is no APPEND: both notices ride in its frame, f2's before it.
     frames = core.route([heartbeat("f2", commit=12)], 1.0005)
-    assert targets_of(frames) == [("s1", "f2", 12, 0), ("s1", "f1", 12, 0), ("s1", "f2", 0, 0)]
+    assert targets_of(frames) == [("s1", "f1", 12, 0), ("s1", "f2", 12, 0), ("s1", "f2", 0, 0)]
     assert core.held_until is None
     core.route([append("f3", 12, 0, commit=12)], 1.001)
     assert core.flush_held(1.0025) == []          # still within its wait
