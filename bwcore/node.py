@@ -193,6 +193,7 @@ class RaftNode(MultiService):
         self.reactor = reactor
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = NodeMetrics(self.registry)
+        self._read_kernel_gauges()
         self.log = get_logger(node_id=config.id)
         self.kernel: RawNode | None = None
         self.state_machine: Any = None
@@ -345,7 +346,6 @@ class RaftNode(MultiService):
         self._ticker.clock = self.reactor
         self._ticker.start(config.tick_ms / 1000, now=False)
         self._serving = self._driving = True
-        self._update_gauges()
         self.log.info("node_started", role=config.role, raft_port=self.raft_port,
                       term=self.kernel.term, commit_index=self.kernel.commit_index,
                       last_index=self.kernel.last_index,
@@ -911,7 +911,6 @@ class RaftNode(MultiService):
         if committed and not self._apply(committed, resolved):
             return
         kernel.advance(rd)
-        self._update_gauges()
         applied = kernel.applied_index
         self._queue_reads(rd.read_states, applied, resolved)
         self._release_reads(applied, resolved)
@@ -1249,16 +1248,25 @@ class RaftNode(MultiService):
         for d in waiters:
             d.callback(None)
 
-    def _update_gauges(self) -> None:
-        kernel = self.kernel
-        if kernel is None:
-            return
+    def _read_kernel_gauges(self) -> None:
+        """The kernel's term and indexes are read when the metrics are collected, rather than
+        written after every Ready (0 while there is no kernel)."""
+        def reading(name: str) -> Callable[[], float]:
+            def read() -> float:
+                kernel = self.kernel
+                return getattr(kernel, name) if kernel is not None else 0
+            return read
+
+        def leading() -> float:
+            kernel = self.kernel
+            return 1 if kernel is not None and kernel.role is StateRole.LEADER else 0
+
         m = self.metrics
-        m.term.set(kernel.term)
-        m.commit_index.set(kernel.commit_index)
-        m.applied_index.set(kernel.applied_index)
-        m.last_index.set(kernel.last_index)
-        m.is_leader.set(1 if kernel.role is StateRole.LEADER else 0)
+        m.term.set_function(reading("term"))
+        m.commit_index.set_function(reading("commit_index"))
+        m.applied_index.set_function(reading("applied_index"))
+        m.last_index.set_function(reading("last_index"))
+        m.is_leader.set_function(leading)
 
     def _call_hook(self, name: str, **kwargs: Any) -> Any:
         """Call a hook; a plugin's exception is logged, never allowed to break the loop."""

@@ -352,6 +352,24 @@ def test_proposal_resolves_with_state_machine_result() -> None:
         h.node.kernel.applied_index
 
 
+def test_kernel_gauges_are_read_when_collected() -> None:
+    """The term and index gauges show the kernel as it is when scraped: 0 before it exists,
+    then every change, with no Ready in between to copy them."""
+    h = make_harness(start=False)
+    value = h.node.registry.get_sample_value
+    assert [value(f"bwraft_{name}") for name in
+            ("term", "commit_index", "applied_index", "last_index", "is_leader")] == [0] * 5
+    h.node.startService()
+    h.settle()
+    elect_single(h)
+    h.propose(b"colour=blue")
+    h.settle()
+    kernel = h.node.kernel
+    assert (value("bwraft_term"), value("bwraft_is_leader")) == (kernel.term, 1)
+    assert value("bwraft_commit_index") == value("bwraft_applied_index") == \
+        value("bwraft_last_index") == kernel.last_index >= 2
+
+
 def resolved(d: Deferred[Any]) -> Any:
     """The result of a fired Deferred (raises its failure; fails if it has not fired)."""
     results: list[Any] = []
