@@ -286,10 +286,9 @@ class LeaderRelay:
             if m.frm != me or m.term != term or m.type not in requests:
                 keep.append(m)
                 continue
-            to, entries = m.to, m.entries
+            to = m.to
             sec = assignment[to] if to in assignment else self.secretary_for(to, now)
-            if sec is None or (entries and (entries[0].index != m.index + 1  # appendable()
-                                            or entries[-1].index != m.index + len(entries))):
+            if sec is None or not wire.appendable(m):
                 keep.append(m)
             elif hold and m.type is append:
                 # The commit index reaches a follower with any later APPEND (Raft §5.3: it
@@ -298,7 +297,7 @@ class LeaderRelay:
                 # batch are saved. A message replaced is one the network lost: always safe.
                 if held and held.pop(to, None) is not None:
                     self.stats.folded_notices += 1
-                if entries:
+                if m.entries:
                     taken.setdefault(sec, []).append(m)
                 else:
                     held[to] = m

@@ -402,26 +402,14 @@ def encode_report(term: int, ack_seq: int, replies: Sequence[tuple[str, list[Any
 def decode_report(payload: Any, me: str) -> Report:
     term, ack_seq, items, unreachable = _body(payload, Kind.REPORT, "a report", 4)
     term = _int(term, "term")
-    types, responses = _TYPES, RESPONSES
     replies = []
-    # A report comes for every few batches: its replies are checked in one flat pass, and
-    # only a reply that fails goes through the field-by-field checks that name the fault.
     for item in _list(items, "replies"):
         if type(item) is not list or len(item) != 7:
             raise WireError("a reported reply must be an array of 7")
-        frm, mtype, index, log_term, reject, hint, context = item
-        mtype = types.get(mtype) if type(mtype) is int else None
-        if mtype not in responses or type(frm) is not str or not 0 < len(frm) <= _MAX_ID \
-                or type(index) is not int or not 0 <= index <= _MAX_INT \
-                or type(log_term) is not int or not 0 <= log_term <= _MAX_INT \
-                or type(reject) is not bool \
-                or type(hint) is not int or not 0 <= hint <= _MAX_INT \
-                or type(context) is not bytes or len(context) > _MAX_CONTEXT:
-            _id(frm, "from")
-            _check_reply(item[1:])
-            raise WireError("a reported reply is malformed")   # a backstop: named above
-        replies.append(Message(mtype, me, frm, term, log_term, index, (), 0, reject, hint,
-                               context))
+        frm = _id(item[0], "from")
+        mtype, index, log_term, reject, hint, context = _check_reply(item[1:])
+        replies.append(Message(mtype, me, frm, term, log_term=log_term, index=index,
+                               reject=reject, reject_hint=hint, context=context))
     return Report(term, _int(ack_seq, "ack_seq"), tuple(replies),
                   tuple(_id(u, "unreachable") for u in _list(unreachable, "unreachable")))
 
