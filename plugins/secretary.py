@@ -52,10 +52,10 @@ SPLITS = ("rendezvous", "single")
 class SecretaryService(Service):
     """The secretary role: relays batches to followers and reports their replies.
 
-    Reports leave as soon as the leader can commit something new with them (the batch's hint;
-    at the end of that reactor turn), and otherwise within a few report delays of the first
-    unreported batch or reply (:meth:`SecretaryRelay.on_replies`), so that the leader hears
-    from a live secretary well within its reply deadline.
+    Reports leave when every follower of the batches in hand has answered, or as many as the
+    leader needs to commit (the batch's hint) have (at the end of that reactor turn), or
+    ``max_delay`` after the first unreported batch or reply at the latest, so that the leader
+    hears from a live secretary well within its reply deadline.
     """
 
     def __init__(self, node: Any, relay: SecretaryRelay) -> None:

@@ -406,10 +406,8 @@ class LeaderRelay:
                 sent.add(to)
             relayed_entries += len(m.entries)
         track.outstanding.append((self._seq, now))
-        voters = self.voter_addresses
         payload = wire.encode_batch(self._seq, self.term, self.node_id, msgs, addresses,
-                                    distinct, self._report_after(track.id, now),
-                                    {m.to for m in msgs if m.to not in voters})
+                                    distinct, self._report_after(track.id, now))
         st = self.stats
         st.frames += 1
         st.relayed_messages += len(msgs)
@@ -419,11 +417,10 @@ class LeaderRelay:
 
     def _report_after(self, secretary: str, now: float) -> int:
         """How many of the voters ``secretary`` serves should acknowledge before it reports:
-        the acknowledgements the leader needs from relayed voters to commit, if every voter it
-        replicates to directly and that gossip does not suspect answers (itself included),
-        shared among the secretaries by how many voters each serves; 0 when those direct
-        voters are a quorum. A hint only: a secretary that reports earlier or later changes no
-        decision, only when the leader hears it."""
+        the acknowledgements the leader needs from relayed voters to commit (if every voter
+        it replicates to directly answers), shared among the secretaries by how many voters
+        each serves; 0 when the direct voters are a quorum. A hint only: a secretary that
+        reports earlier or later changes no decision, only when the leader hears it."""
         if now >= self._assignment_expires:
             self._reset_assignment()   # as secretary_for would: a bench has ended
         hint = self._hints.get(secretary)
@@ -432,18 +429,10 @@ class LeaderRelay:
             by_secretary = [self.secretary_for(v, now) for v in voters]
             relayed = sum(1 for s in by_secretary if s is not None)
             served = by_secretary.count(secretary)
-            answering = sum(1 for v, s in zip(voters, by_secretary)
-                            if s is None and self._answers(v))
-            need = len(voters) // 2 + 1 - answering
-            hint = min(served, -(-need * served // relayed)) if need > 0 and served else 0
+            need = len(voters) // 2 + 1 - (len(voters) - relayed)
+            hint = -(-need * served // relayed) if need > 0 and served else 0   # ceil
             self._hints[secretary] = hint
         return hint
-
-    def _answers(self, voter: str) -> bool:
-        """Whether a directly served voter can be counted on to acknowledge: this node, or one
-        gossip has not found suspect or dead (not yet known: yes)."""
-        entry = self.directory.get(voter)
-        return voter == self.node_id or entry is None or entry.state == ALIVE
 
     def send_failed(self, secretary: str, now: float) -> list[TakeBack]:
         """A BATCH frame could not even be queued for ``secretary``."""

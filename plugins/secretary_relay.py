@@ -27,9 +27,6 @@ __all__ = ["FollowerRelay", "FollowerStats", "SecretaryRelay", "SecretaryStats"]
 #: A follower that has been owing replies for this many report delays without a break no
 #: longer holds reports back.
 STALE_OWED_FACTOR = 10
-#: With a hint, replies the leader does not need to commit wait up to this many report delays
-#: for a report that goes anyway (the one the next batch's acknowledgements trigger).
-STRAGGLER_FACTOR = 5
 
 
 @dataclass
@@ -52,9 +49,7 @@ class SecretaryRelay:
     Args:
         node_id: The secretary's id.
         window: The most distinct entries it accepts in one batch (it holds no more).
-        max_delay: Seconds a reply may wait to be reported along with others (with a hint,
-            one the leader does not need to commit waits up to ``STRAGGLER_FACTOR`` times
-            this).
+        max_delay: Seconds a reply may wait to be reported along with others.
         max_relay_bytes: Entry bytes above which the messages to one follower are split over
             several RELAY frames.
     """
@@ -73,15 +68,10 @@ class SecretaryRelay:
         self._replies: list[tuple[str, list[Any]]] = []
         #: follower -> [replies it still owes, since when it has owed any].
         self._awaiting: dict[str, list[Any]] = {}
-        #: From the latest batch: how many acknowledgements the leader needs from here to
-        #: commit (0: no hint), and the followers that do not count toward them.
+        #: Followers that answered since the last report, and how many the leader needs to
+        #: commit (its hint in the latest batch; 0: none).
+        self._answered: set[str] = set()
         self._report_after = 0
-        self._uncounted: frozenset[str] = frozenset()
-        #: Each counted follower's highest acknowledged index; the index that as many of them
-        #: as the hint held at the last report; those that answered a ReadIndex heartbeat since.
-        self._acked: dict[str, int] = {}
-        self._reported_frontier = 0
-        self._read_answered: set[str] = set()
         self._unreachable: set[str] = set()
         #: When the collected replies and acknowledgements must be reported at the latest.
         self.flush_at: float | None = None
@@ -98,11 +88,10 @@ class SecretaryRelay:
         if self.leader is None or batch.term > self.term:
             # A higher term: the old assignment and whatever was buffered for it are void.
             self.leader, self.term = batch.leader, batch.term
-            self._ack_seq = self._reported_seq = self._reported_frontier = 0
+            self._ack_seq = self._reported_seq = 0
             self._replies.clear()
             self._awaiting.clear()
-            self._acked.clear()
-            self._read_answered.clear()
+            self._answered.clear()
             self._unreachable.clear()
             self.flush_at = None
         elif batch.term < self.term:
@@ -116,7 +105,7 @@ class SecretaryRelay:
             return []
         self.stats.batches += 1
         self._ack_seq = max(self._ack_seq, batch.seq)
-        self._report_after, self._uncounted = batch.report_after, batch.uncounted
+        self._report_after = batch.report_after
         by_target: dict[str, list[list[Any]]] = {}
         sizes: dict[str, int] = {}
         out: list[tuple[str, list[Any]]] = []
@@ -136,28 +125,14 @@ class SecretaryRelay:
             self.stats.relayed_entries += target.count
         out.extend((to, wire.encode_relay(self.term, self.leader, items))
                    for to, items in by_target.items() if items)
-        # The next report acknowledges the batch (ack_seq); with a hint, the report its
-        # acknowledgements trigger usually comes first.
-        self._due(now, self.max_delay * (STRAGGLER_FACTOR if self._report_after else 1))
+        if self.flush_at is None:
+            self.flush_at = now + self.max_delay
         return out
 
-    def _due(self, now: float, wait: float) -> None:
-        """A report must leave within ``wait`` seconds (or earlier, if already due)."""
-        if self.flush_at is None or now + wait < self.flush_at:
-            self.flush_at = now + wait
-
     def on_replies(self, peer: str, replies: wire.Replies, now: float) -> bool:
-        """A follower's replies. Returns True when they should be reported at once (at the end
-        of this reactor turn).
-
-        With a hint (``report_after``): at once when as many counted followers as it asks
-        hold an index that no earlier report showed that many holding (the leader may commit
-        it, Raft §5.3), or have answered a ReadIndex heartbeat since the last report (the
-        leader may serve the read, dissertation §6.4). Other replies wait up to
-        ``STRAGGLER_FACTOR`` report delays, for a report that goes anyway; a rejection, which
-        the leader answers with a retry, up to one. Without a hint: at once when every
-        follower has answered everything relayed to it, else within one report delay.
-        """
+        """A follower's replies. Returns True when every follower has answered everything
+        relayed to it, or as many as the leader needs to commit have answered since the last
+        report: report at once (at the end of this reactor turn)."""
         if self.leader is None or replies.term != self.term or replies.leader != self.leader:
             self.stats.drop("stale_reply")  # never forward a reply of another assignment
             return False
@@ -165,38 +140,17 @@ class SecretaryRelay:
             return False
         for item in replies.items:
             self._replies.append((peer, item))
+        self._answered.add(peer)
         owed = self._awaiting.get(peer)
         if owed is not None:
             owed[0] -= len(replies.items)
             if owed[0] <= 0:
                 del self._awaiting[peer]
-        hint = self._report_after
-        if not hint:
-            self._due(now, self.max_delay)
-            return not self._awaiting
-        wait = self.max_delay * STRAGGLER_FACTOR
-        counted = peer not in self._uncounted
-        for mtype, index, _, reject, _, context in replies.items:
-            if reject:
-                wait = self.max_delay
-            elif not counted:
-                continue
-            elif mtype is MT.APPEND_RESP:
-                if index > self._acked.get(peer, 0):
-                    self._acked[peer] = index
-            elif context:
-                self._read_answered.add(peer)
-        if self._frontier() > self._reported_frontier or len(self._read_answered) >= hint:
-            return True
-        self._due(now, wait)
-        return False
-
-    def _frontier(self) -> int:
-        """The highest index that as many counted followers as the hint asks acknowledged."""
-        hint = self._report_after
-        if not hint or len(self._acked) < hint:
-            return 0
-        return sorted(self._acked.values(), reverse=True)[hint - 1]
+        if self.flush_at is None:
+            self.flush_at = now + self.max_delay
+        # The leader commits once a quorum has the entries (Raft §5.3): the acknowledgements
+        # it needs from here go back as soon as they are in; the rest follow together.
+        return not self._awaiting or 0 < self._report_after <= len(self._answered)
 
     def unreachable(self, follower: str) -> None:
         """A RELAY frame to ``follower`` could not be queued: tell the leader."""
@@ -225,8 +179,7 @@ class SecretaryRelay:
         self.stats.reports += 1
         self._replies = []
         self._unreachable = set()
-        self._read_answered = set()
-        self._reported_frontier = max(self._reported_frontier, self._frontier())
+        self._answered = set()
         self._reported_seq = self._ack_seq
         return self.leader, payload
 

@@ -12,8 +12,7 @@ import pytest
 from bwcore.kernel import Entry, EntryType, Message, MessageType as MT
 from bwraft_plugins import secretary_wire as wire
 from bwraft_plugins.secretary_leader import DirectoryEntry, LeaderRelay, RelaySettings
-from bwraft_plugins.secretary_relay import (STALE_OWED_FACTOR, STRAGGLER_FACTOR, FollowerRelay,
-                                             SecretaryRelay)
+from bwraft_plugins.secretary_relay import STALE_OWED_FACTOR, FollowerRelay, SecretaryRelay
 
 SETTINGS = RelaySettings(reply_deadline=0.3, rehire_after=2.0, window=8)
 TERM = 4
@@ -120,17 +119,9 @@ def test_malformed_payloads_are_wire_errors(payload):
 
 def test_a_batch_without_a_report_hint_is_read_as_no_hint_and_later_fields_are_ignored():
     body = [1, TERM, "L", [], [[7, "f1", 0, 0, 0, 3, b""]], {}]   # as a leader gives no hint
-    older = wire.decode_batch(raw(1, body))
-    assert (older.report_after, older.uncounted) == (0, frozenset())
-    counting_all = wire.decode_batch(raw(1, body + [3]))   # a leader that counts everyone
-    assert (counting_all.report_after, counting_all.uncounted) == (3, frozenset())
-    later = wire.decode_batch(raw(1, body + [3, ["o1"], "a later leader's field"]))
-    assert (later.report_after, later.uncounted) == (3, frozenset({"o1"}))
-    assert [t.to for t in later.targets] == ["f1"]
-    with pytest.raises(wire.WireError):
-        wire.decode_batch(raw(1, body + [3, "o1"]))
-    with pytest.raises(wire.WireError):
-        wire.decode_batch(raw(1, body + [3, [""]]))
+    assert wire.decode_batch(raw(1, body)).report_after == 0
+    later = wire.decode_batch(raw(1, body + [3, "a later leader's field"]))
+    assert later.report_after == 3 and [t.to for t in later.targets] == ["f1"]
 
 
 def test_a_payload_of_another_kind_is_refused():
@@ -336,23 +327,6 @@ def test_each_batch_says_how_many_acknowledgements_the_leader_needs_to_commit():
     assert hint(east, "o1") == 2
     assert hint({"e1", "e2", "o1"}, "e1", "e2") == 0   # L, w1, e3, e4 (direct) are a quorum
 
-    # The observer's acknowledgements do not count toward the hint, and the batch says so.
-    core = LeaderRelay("L", SETTINGS, voters)
-    for node in ("e1", "e2", "e3", "e4", "o1"):
-        core.member_changed(DirectoryEntry(node, "observer" if node == "o1" else "voter",
-                                           "east", "alive", relay=True), 0.0)
-    core.member_changed(DirectoryEntry("s1", "secretary", "east", "alive"), 0.0)
-    core.set_leadership(TERM, True)
-    [(_, payload)] = core.route([append("e1", 10, 1), append("o1", 10, 1)], 1.0)
-    assert wire.decode_batch(through_wire(payload)).uncounted == {"o1"}
-    # A direct voter that gossip suspects is not counted on: with w1 down, L needs three.
-    core.member_changed(DirectoryEntry("w1", "voter", "west", "suspect"), 1.0)
-    [(_, payload)] = core.route([append("e1", 11, 1)], 1.0)
-    assert wire.decode_batch(through_wire(payload)).report_after == 3
-    core.member_changed(DirectoryEntry("w1", "voter", "west", "alive"), 1.0)
-    [(_, payload)] = core.route([append("e1", 12, 1)], 1.0)
-    assert wire.decode_batch(through_wire(payload)).report_after == 2
-
     # Two secretaries share the four east voters: the two acknowledgements needed are shared
     # by how many voters each serves, and together they ask for at least two.
     core = LeaderRelay("L", SETTINGS, voters)
@@ -470,65 +444,17 @@ def test_stragglers_of_a_batch_go_back_together():
     assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f2", "f3"]
 
 
-def hinted_batch(seq: int, prev: int, followers, report_after: int, uncounted=()) -> wire.Batch:
-    msgs = [append(f, prev, 2) for f in followers]
-    return wire.decode_batch(through_wire(wire.encode_batch(
-        seq, TERM, "L", msgs, {}, report_after=report_after, uncounted=uncounted)))
-
-
-def acked(frm: str, index: int, **fields) -> wire.Replies:
-    return wire.decode_replies(through_wire(wire.encode_replies(
-        TERM, "L", [Message(MT.APPEND_RESP, "L", frm, TERM, index=index, **fields)])))
-
-
 def test_secretary_reports_as_soon_as_the_leader_can_commit():
     sec = SecretaryRelay("s1", max_delay=0.002)
-    sec.on_batch("L", hinted_batch(1, 10, ("f1", "f2", "f3", "f4"), 2), 1.0)
-    assert sec.flush_at == pytest.approx(1.0 + STRAGGLER_FACTOR * 0.002)
-    assert sec.on_replies("f1", acked("f1", 12), 1.0005) is False
-    assert sec.on_replies("f2", acked("f2", 12), 1.0006) is True     # enough to commit 12
+    msgs = [append(f, 10, 2) for f in ("f1", "f2", "f3", "f4")]
+    sec.on_batch("L", wire.decode_batch(through_wire(wire.encode_batch(
+        1, TERM, "L", msgs, {}, report_after=2))), 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.0005) is False
+    assert sec.on_replies("f2", reply_from("f2"), 1.0006) is True    # enough to commit
     _, payload = sec.flush(1.0006)
     assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f1", "f2"]
-    # The stragglers add nothing the leader needs to commit: they wait for company.
-    assert sec.on_replies("f3", acked("f3", 12), 1.001) is False
-    assert sec.on_replies("f4", acked("f4", 12), 1.0012) is False
-    assert sec.flush_at == pytest.approx(1.001 + STRAGGLER_FACTOR * 0.002)
-    # The next batch's first two acknowledgements take them along.
-    sec.on_batch("L", hinted_batch(2, 12, ("f1", "f2", "f3", "f4"), 2), 1.005)
-    assert sec.on_replies("f3", acked("f3", 14), 1.006) is False
-    assert sec.on_replies("f1", acked("f1", 14), 1.0062) is True     # 14 now, on two
-    _, payload = sec.flush(1.0062)
-    report = wire.decode_report(payload, "L")
-    assert [(m.frm, m.index) for m in report.replies] == [("f4", 12), ("f3", 14), ("f1", 14)]
-    assert report.ack_seq == 2
-
-
-def test_stragglers_go_within_their_wait_and_rejections_sooner():
-    sec = SecretaryRelay("s1", max_delay=0.002)
-    sec.on_batch("L", hinted_batch(1, 10, ("f1", "f2", "f3"), 1), 1.0)
-    assert sec.on_replies("f1", acked("f1", 12), 1.001) is True
-    sec.flush(1.001)
-    assert sec.on_replies("f2", acked("f2", 12), 1.002) is False
-    assert sec.flush_at == pytest.approx(1.002 + STRAGGLER_FACTOR * 0.002)
-    assert sec.on_replies("f3", acked("f3", 9, reject=True, reject_hint=9), 1.003) is False
-    assert sec.flush_at == pytest.approx(1.005)                      # the leader must retry
-    _, payload = sec.flush(1.005)
-    assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f2", "f3"]
-
-
-def test_uncounted_followers_and_read_acknowledgements():
-    sec = SecretaryRelay("s1", max_delay=0.002)
-    sec.on_batch("L", hinted_batch(1, 10, ("f1", "f2", "o1"), 2, uncounted=["o1"]), 1.0)
-    assert sec.on_replies("o1", acked("o1", 12), 1.0005) is False    # an observer
-    assert sec.on_replies("f1", acked("f1", 12), 1.0006) is False    # one voter of two
-    assert sec.on_replies("f2", acked("f2", 12), 1.0007) is True
-    sec.flush(1.0007)
-    # A ReadIndex round: the leader may serve the read once two voters answered it.
-    read = [Message(MT.HEARTBEAT_RESP, "L", f, TERM, context=b"r1") for f in ("f1", "f2")]
-    replies = [wire.decode_replies(through_wire(wire.encode_replies(TERM, "L", [m])))
-               for m in read]
-    assert sec.on_replies("f1", replies[0], 1.001) is False
-    assert sec.on_replies("f2", replies[1], 1.0011) is True
+    assert sec.on_replies("f3", reply_from("f3"), 1.001) is False    # f4 is still due
+    assert sec.on_replies("f4", reply_from("f4"), 1.0012) is True    # all in
 
 
 def test_a_follower_that_keeps_owing_stops_holding_reports_even_while_it_answers():
@@ -550,10 +476,11 @@ def test_a_follower_that_keeps_owing_stops_holding_reports_even_while_it_answers
 
 def test_an_empty_reply_frame_counts_for_nothing():
     sec = SecretaryRelay("s1", max_delay=0.002)
-    sec.on_batch("L", hinted_batch(1, 10, ("f1", "f2"), 1), 1.0)
+    sec.on_batch("L", wire.decode_batch(through_wire(wire.encode_batch(
+        1, TERM, "L", [append("f1", 10, 1), append("f2", 10, 1)], {}, report_after=1))), 1.0)
     empty = wire.decode_replies(through_wire(wire.encode_replies(TERM, "L", [])))
     assert sec.on_replies("f2", empty, 1.0005) is False
-    assert sec.flush_at == pytest.approx(1.0 + STRAGGLER_FACTOR * 0.002)   # the batch's
+    assert sec.flush_at == pytest.approx(1.002)
     assert sec.on_replies("f1", reply_from("f1"), 1.001) is True     # the one it needs
 
 
