@@ -224,9 +224,11 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
                       round(readies / max(1, writes), 2), round(reports / max(1, writes), 3),
                       int(takebacks))
     finally:
-        if node is not None:
-            await node.stopService()
-        local.down(cluster, grace=10.0)
+        try:
+            if node is not None:
+                await node.stopService()
+        finally:
+            local.down(cluster, grace=10.0)   # the other nodes go even if the leader's stop fails
 
 
 def main() -> int:
