@@ -193,9 +193,9 @@ class RaftNode(MultiService):
         self.reactor = reactor
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = NodeMetrics(self.registry)
-        self._read_kernel_gauges()
         self.log = get_logger(node_id=config.id)
         self.kernel: RawNode | None = None
+        self._read_kernel_gauges()
         self.state_machine: Any = None
         self.storage: Any = None
         self.transport: Any = None

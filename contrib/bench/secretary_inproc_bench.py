@@ -248,6 +248,8 @@ def main() -> int:
     ap.add_argument("--tick-ms", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=1)
     args = ap.parse_args()
+    if args.local_followers < 0:
+        ap.error("--local-followers must not be negative")
     if args.leader_cpu is not None:
         if not 0 <= args.leader_cpu < (os.cpu_count() or 1) or os.cpu_count() == 1:
             ap.error("--leader-cpu needs another CPU for the other nodes")
@@ -296,6 +298,7 @@ def table(runs: list[Result]) -> str:
                     f"{med['bytes_per_entry']:,.0f} | {med['entries_per_save']:.1f} | "
                     f"{med['reports_per_write']:.2f} | {sum(r.takebacks for r in rs)} |")
     return "\n".join(rows)
+
 
 if __name__ == "__main__":
     sys.exit(main())
