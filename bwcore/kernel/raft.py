@@ -449,13 +449,20 @@ class Raft:
         if m.frm == self.lead_transferee and pr.match == self.log.last_index():
             self.send(Message(MT.TIMEOUT_NOW, m.frm, self.id, self.term))
 
-    def send_append(self, to: str, send_empty: bool = True) -> bool:
+    def send_append(self, to: str, send_empty: bool = True,
+                    shared: dict[int, tuple[int | None, tuple[Entry, ...] | None]] | None = None
+                    ) -> bool:
         pr = self.prs.get(to)
         if pr is None or pr.is_paused():
             return False
         prev = pr.next - 1
-        prev_term = self.log.term(prev)
-        ents = self.log.slice(pr.next, self.log.last_index() + 1, self.cfg.max_append_bytes)
+        found = shared.get(prev) if shared is not None else None
+        if found is None:
+            found = (self.log.term(prev),
+                     self.log.slice(pr.next, self.log.last_index() + 1, self.cfg.max_append_bytes))
+            if shared is not None:
+                shared[prev] = found
+        prev_term, ents = found
         if prev_term is None or ents is None:
             # What the follower needs was compacted away: send the snapshot (§7).
             snap = self.log.snapshot
@@ -473,9 +480,12 @@ class Raft:
         return True
 
     def bcast_append(self) -> None:
+        # Followers level with each other (the usual case) need the same slice of the log:
+        # it is cut once per broadcast, and their messages share it.
+        shared: dict[int, tuple[int | None, tuple[Entry, ...] | None]] = {}
         for p in self.prs:
             if p != self.id:
-                self.send_append(p)
+                self.send_append(p, shared=shared)
 
     def bcast_heartbeat(self, ctx: bytes) -> None:
         # A read-confirmation round needs only voters: a helper's acknowledgement never counts.

@@ -161,6 +161,23 @@ def test_leader_replicates_proposal():
         assert (m.index, m.log_term) == (BOOT + 1, raw.term)
 
 
+def test_followers_level_with_each_other_share_one_slice_of_the_log():
+    """One broadcast cuts the log once for the followers at the same point (§5.3: each gets
+    the entries after its own next index), and one still being probed gets nothing more."""
+    raw = new_node(voters=("a", "b", "c", "d"))
+    make_leader(raw)
+    noop = raw.last_index
+    _ack(raw, "b", noop)
+    _ack(raw, "c", noop)
+    drain(raw)
+    index = raw.propose(b"x")
+    appends = {m.to: m for m in of_type(drain(raw), MT.APPEND)}
+    assert set(appends) == {"b", "c"}            # d has not answered its probe
+    assert appends["b"].entries == (Entry(raw.term, index, b"x"),)
+    assert appends["b"].entries is appends["c"].entries
+    assert (appends["c"].index, appends["c"].log_term) == (noop, raw.term)
+
+
 def _ack(raw, frm, index):
     raw.step(Message(MT.APPEND_RESP, raw.id, frm, raw.term, index=index))
 
