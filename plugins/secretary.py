@@ -41,7 +41,7 @@ from bwraft_plugins.secretary_leader import (
     RelaySettings,
     TakeBack,
 )
-from bwraft_plugins.secretary_relay import FollowerRelay, SecretaryRelay
+from bwraft_plugins.secretary_relay import QUIET_FACTOR, FollowerRelay, SecretaryRelay
 
 __all__ = ["SecretaryPlugin", "SecretaryService"]
 
@@ -53,9 +53,10 @@ class SecretaryService(Service):
     """The secretary role: relays batches to followers and reports their replies.
 
     Reports leave when every follower of the batches in hand has answered, or as many as the
-    leader needs to commit (the batch's hint) have (at the end of that reactor turn), or
-    ``max_delay`` after the first unreported batch or reply at the latest, so that the leader
-    hears from a live secretary well within its reply deadline.
+    leader needs to commit (the batch's hint) have answered with news (at the end of that
+    reactor turn), or ``max_delay`` after the first unreported news at the latest; a batch
+    nobody has answered yet, and answers that are no news, are reported within ``QUIET_FACTOR``
+    delays, so that the leader hears from a live secretary well within its reply deadline.
     """
 
     def __init__(self, node: Any, relay: SecretaryRelay) -> None:
@@ -78,7 +79,7 @@ class SecretaryService(Service):
         now = node.reactor.seconds()
         for target, payload in relay.on_batch(peer, batch, now):
             if not node.send_plugin_frame(target, wire.PLUGIN, payload):
-                relay.unreachable(target)
+                relay.unreachable(target, now)
         self._schedule_flush(now, immediately=False)
 
     def on_replies(self, peer: str, replies: wire.Replies) -> None:
@@ -112,7 +113,8 @@ class SecretaryService(Service):
         report = self.relay.flush(self.node.reactor.seconds())
         if report is not None:
             leader, payload = report
-            self.node.send_plugin_frame(leader, wire.PLUGIN, payload)
+            if not self.node.send_plugin_frame(leader, wire.PLUGIN, payload):
+                self.relay.report_lost()
 
 
 class SecretaryPlugin:
@@ -170,6 +172,14 @@ class SecretaryPlugin:
                 f"{config.source or '<config>'}: plugins.secretary.reply_deadline_ms: "
                 f"{deadline * 1000:g} ms is not well under the election timeout "
                 f"({election * 1000:g} ms); use less than half of it")
+        quiet = QUIET_FACTOR * s["max_report_delay_ms"] / 1000
+        if quiet >= deadline / 2:
+            # A secretary acknowledges a batch nobody has answered, or answers that are no
+            # news, within QUIET_FACTOR report delays: the leader must not take it for late.
+            raise ConfigError(
+                f"{config.source or '<config>'}: plugins.secretary.max_report_delay_ms: "
+                f"{QUIET_FACTOR} x {s['max_report_delay_ms']:g} ms is not well under the reply"
+                f" deadline ({deadline * 1000:g} ms); use less than a {2 * QUIET_FACTOR}th of it")
         return RelaySettings(
             reply_deadline=deadline,
             rehire_after=s["rehire_after_ms"] / 1000 or 2 * election,

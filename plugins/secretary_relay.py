@@ -27,6 +27,10 @@ __all__ = ["FollowerRelay", "FollowerStats", "SecretaryRelay", "SecretaryStats"]
 #: A follower that has been owing replies for this many report delays without a break no
 #: longer holds reports back.
 STALE_OWED_FACTOR = 10
+#: Replies that tell the leader nothing new, and batches no follower has answered yet, are
+#: reported within this many report delays (with the next report that leaves for another
+#: reason, if one does sooner).
+QUIET_FACTOR = 10
 
 
 @dataclass
@@ -68,8 +72,11 @@ class SecretaryRelay:
         self._replies: list[tuple[str, list[Any]]] = []
         #: follower -> [replies it still owes, since when it has owed any].
         self._awaiting: dict[str, list[Any]] = {}
-        #: Followers that answered since the last report, and how many the leader needs to
-        #: commit (its hint in the latest batch; 0: none).
+        #: follower -> the highest index it acknowledged in this assignment (reported, or
+        #: buffered for the next report): an acknowledgement of no more is no news.
+        self._acknowledged: dict[str, int] = {}
+        #: Followers that answered with news since the last report, and how many the leader
+        #: needs to commit (its hint in the latest batch; 0: none).
         self._answered: set[str] = set()
         self._report_after = 0
         self._unreachable: set[str] = set()
@@ -91,6 +98,7 @@ class SecretaryRelay:
             self._ack_seq = self._reported_seq = 0
             self._replies.clear()
             self._awaiting.clear()
+            self._acknowledged.clear()
             self._answered.clear()
             self._unreachable.clear()
             self.flush_at = None
@@ -125,37 +133,61 @@ class SecretaryRelay:
             self.stats.relayed_entries += target.count
         out.extend((to, wire.encode_relay(self.term, self.leader, items))
                    for to, items in by_target.items() if items)
-        if self.flush_at is None:
-            self.flush_at = now + self.max_delay
+        # The batch is acknowledged with the first report its replies bring, or on its own
+        # well within the leader's reply deadline.
+        self._report_by(now + QUIET_FACTOR * self.max_delay)
         return out
 
     def on_replies(self, peer: str, replies: wire.Replies, now: float) -> bool:
-        """A follower's replies. Returns True when every follower has answered everything
-        relayed to it, or as many as the leader needs to commit have answered since the last
-        report: report at once (at the end of this reactor turn)."""
+        """A follower's replies. Returns True when they are news and every follower has
+        answered everything relayed to it, or as many as the leader needs to commit have
+        answered with news since the last report: report at once (at the end of this reactor
+        turn).
+
+        News is anything but an acknowledgement of an index the follower already acknowledged
+        (its answer to a commit notice, say): that tells the leader nothing it would act on
+        (Raft §5.3: the leader keeps the highest match it hears), so it waits for the next
+        report instead of making one.
+        """
         if self.leader is None or replies.term != self.term or replies.leader != self.leader:
             self.stats.drop("stale_reply")  # never forward a reply of another assignment
             return False
         if not replies.items:
             return False
+        acknowledged = self._acknowledged
+        news = False
         for item in replies.items:
             self._replies.append((peer, item))
-        self._answered.add(peer)
+            mtype, index, _, reject, _, context = item
+            if mtype is MT.APPEND_RESP and not reject and not context:
+                if index > acknowledged.get(peer, -1):
+                    acknowledged[peer] = index
+                    news = True
+            else:
+                news = True
         owed = self._awaiting.get(peer)
         if owed is not None:
             owed[0] -= len(replies.items)
             if owed[0] <= 0:
                 del self._awaiting[peer]
-        if self.flush_at is None:
-            self.flush_at = now + self.max_delay
+        if not news:
+            self._report_by(now + QUIET_FACTOR * self.max_delay)
+            return False
+        self._answered.add(peer)
+        self._report_by(now + self.max_delay)
         # The leader commits once a quorum has the entries (Raft §5.3): the acknowledgements
         # it needs from here go back as soon as they are in; the rest follow together.
         return not self._awaiting or 0 < self._report_after <= len(self._answered)
 
-    def unreachable(self, follower: str) -> None:
+    def _report_by(self, when: float) -> None:
+        if self.flush_at is None or when < self.flush_at:
+            self.flush_at = when
+
+    def unreachable(self, follower: str, now: float) -> None:
         """A RELAY frame to ``follower`` could not be queued: tell the leader."""
         self._unreachable.add(follower)
         self._awaiting.pop(follower, None)
+        self._report_by(now + self.max_delay)
 
     def flush(self, now: float) -> tuple[str, list[Any]] | None:
         """The REPORT to send now (leader id, payload), or None if there is nothing to say."""
@@ -182,6 +214,10 @@ class SecretaryRelay:
         self._answered = set()
         self._reported_seq = self._ack_seq
         return self.leader, payload
+
+    def report_lost(self) -> None:
+        """The report could not be sent: what it acknowledged is news again."""
+        self._acknowledged.clear()
 
     def status(self) -> dict[str, Any]:
         return {"leader": self.leader, "term": self.term, "acknowledged_batch": self._ack_seq,

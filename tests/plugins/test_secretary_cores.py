@@ -12,7 +12,8 @@ import pytest
 from bwcore.kernel import Entry, EntryType, Message, MessageType as MT
 from bwraft_plugins import secretary_wire as wire
 from bwraft_plugins.secretary_leader import DirectoryEntry, LeaderRelay, RelaySettings
-from bwraft_plugins.secretary_relay import STALE_OWED_FACTOR, FollowerRelay, SecretaryRelay
+from bwraft_plugins.secretary_relay import (QUIET_FACTOR, STALE_OWED_FACTOR, FollowerRelay,
+                                           SecretaryRelay)
 
 SETTINGS = RelaySettings(reply_deadline=0.3, rehire_after=2.0, window=8)
 TERM = 4
@@ -409,17 +410,19 @@ def batch(seq: int, term: int = TERM, leader: str = "L", msgs=None) -> wire.Batc
     return wire.decode_batch(through_wire(wire.encode_batch(seq, term, leader, msgs, {})))
 
 
-def reply_from(frm: str, term: int = TERM, leader: str = "L") -> wire.Replies:
+def reply_from(frm: str, term: int = TERM, leader: str = "L", index: int = 12
+               ) -> wire.Replies:
     return wire.decode_replies(through_wire(wire.encode_replies(
-        term, leader, [Message(MT.APPEND_RESP, leader, frm, term, index=12)])))
+        term, leader, [Message(MT.APPEND_RESP, leader, frm, term, index=index)])))
 
 
 def test_secretary_relays_and_reports_once_everyone_answered():
     sec = SecretaryRelay("s1", max_delay=0.002)
     out = sec.on_batch("L", batch(1), 1.0)
     assert [to for to, _ in out] == ["f1", "f2"]
-    assert sec.flush_at == pytest.approx(1.002)
+    assert sec.flush_at == pytest.approx(1.0 + QUIET_FACTOR * 0.002)   # no answer yet
     assert sec.on_replies("f1", reply_from("f1"), 1.0005) is False
+    assert sec.flush_at == pytest.approx(1.0025)                      # news waits 2 ms
     assert sec.on_replies("f2", reply_from("f2"), 1.001) is True   # all answered
     leader, payload = sec.flush(1.001)
     report = wire.decode_report(through_wire(payload), "L")
@@ -466,12 +469,12 @@ def test_a_follower_that_keeps_owing_stops_holding_reports_even_while_it_answers
     assert sec.on_replies("f2", reply_from("f2"), 1.001) is False   # f1 still owes one
     sec.flush(1.002)
     sec.on_batch("L", batch(2, msgs=[append("f1", 12, 1), append("f2", 12, 1)]), 1.01)
-    sec.on_replies("f1", reply_from("f1"), 1.011)
-    assert sec.on_replies("f2", reply_from("f2"), 1.011) is False   # owing since 1.0
+    sec.on_replies("f1", reply_from("f1", index=13), 1.011)
+    assert sec.on_replies("f2", reply_from("f2", index=13), 1.011) is False   # owing since 1.0
     sec.flush(1.0 + STALE_OWED_FACTOR * 0.002 + 0.001)               # stale: forgotten
     sec.on_batch("L", batch(3, msgs=[append("f1", 13, 1), append("f2", 13, 1)]), 1.03)
-    assert sec.on_replies("f1", reply_from("f1"), 1.031) is False
-    assert sec.on_replies("f2", reply_from("f2"), 1.031) is True     # counted afresh
+    assert sec.on_replies("f1", reply_from("f1", index=14), 1.031) is False
+    assert sec.on_replies("f2", reply_from("f2", index=14), 1.031) is True     # counted afresh
 
 
 def test_an_empty_reply_frame_counts_for_nothing():
@@ -480,7 +483,7 @@ def test_an_empty_reply_frame_counts_for_nothing():
         1, TERM, "L", [append("f1", 10, 1), append("f2", 10, 1)], {}, report_after=1))), 1.0)
     empty = wire.decode_replies(through_wire(wire.encode_replies(TERM, "L", [])))
     assert sec.on_replies("f2", empty, 1.0005) is False
-    assert sec.flush_at == pytest.approx(1.002)
+    assert sec.flush_at == pytest.approx(1.0 + QUIET_FACTOR * 0.002)
     assert sec.on_replies("f1", reply_from("f1"), 1.001) is True     # the one it needs
 
 
@@ -491,7 +494,7 @@ def test_a_follower_that_lost_its_replies_stops_holding_reports():
     sec.flush(1.002)
     sec.flush(1.0 + STALE_OWED_FACTOR * 0.002 + 0.001)              # f2's debt is stale now
     sec.on_batch("L", batch(2, msgs=[append("f1", 12, 1)]), 1.03)
-    assert sec.on_replies("f1", reply_from("f1"), 1.031) is True    # f2 no longer awaited
+    assert sec.on_replies("f1", reply_from("f1", index=13), 1.031) is True   # f2 not awaited
 
 
 def test_secretary_acknowledges_batches_even_without_replies():
@@ -499,6 +502,57 @@ def test_secretary_acknowledges_batches_even_without_replies():
     sec.on_batch("L", batch(3), 1.0)
     _, payload = sec.flush(1.0)
     assert wire.decode_report(payload, "L").ack_seq == 3
+
+
+def test_an_acknowledgement_of_nothing_new_waits_for_the_next_report():
+    # Followers answer a commit notice with the index they acknowledged before: the leader
+    # learns nothing from it, so it makes no report of its own and rides with the next one.
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    msgs = [append(f, 10, 2) for f in ("f1", "f2")]
+    sec.on_batch("L", batch(1, msgs=msgs), 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.001) is False
+    assert sec.on_replies("f2", reply_from("f2"), 1.001) is True
+    sec.flush(1.001)
+    sec.on_batch("L", batch(2, msgs=[append(f, 12, 0, commit=12) for f in ("f1", "f2")]),
+                 1.002)
+    assert sec.on_replies("f1", reply_from("f1"), 1.003) is False
+    assert sec.on_replies("f2", reply_from("f2"), 1.003) is False   # all in, nothing new
+    assert sec.flush_at == pytest.approx(1.002 + QUIET_FACTOR * 0.002)
+    sec.on_batch("L", batch(3, msgs=[append(f, 12, 1) for f in ("f1", "f2")]), 1.004)
+    assert sec.on_replies("f1", reply_from("f1", index=13), 1.005) is False
+    assert sec.flush_at == pytest.approx(1.007)                     # news: 2 ms at most
+    assert sec.on_replies("f2", reply_from("f2", index=13), 1.005) is True
+    leader, payload = sec.flush(1.005)
+    report = wire.decode_report(payload, "L")
+    assert report.ack_seq == 3
+    assert [(m.frm, m.index) for m in report.replies] == [("f1", 13), ("f2", 13)]
+
+
+def test_rejections_heartbeat_replies_and_read_acknowledgements_are_always_news():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    sec.on_batch("L", batch(1, msgs=[append("f1", 10, 2), heartbeat("f2", context=b"r1")]),
+                 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.001) is False   # f2 still due
+    sec.flush(1.002)
+    for item in (Message(MT.APPEND_RESP, "L", "f1", TERM, index=12, reject=True,
+                         reject_hint=11),
+                 Message(MT.HEARTBEAT_RESP, "L", "f1", TERM),
+                 Message(MT.HEARTBEAT_RESP, "L", "f1", TERM, context=b"r1")):
+        sec.on_batch("L", batch(2, msgs=[append("f1", 12, 0)]), 1.01)
+        replies = wire.decode_replies(through_wire(wire.encode_replies(TERM, "L", [item])))
+        sec.on_replies("f1", replies, 1.011)
+        assert sec.flush_at == pytest.approx(1.013), item
+        sec.flush(1.013)
+
+
+def test_a_report_that_could_not_be_sent_makes_its_acknowledgements_news_again():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    sec.on_batch("L", batch(1, msgs=[append("f1", 10, 2)]), 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.001) is True
+    sec.flush(1.001)
+    sec.report_lost()
+    sec.on_batch("L", batch(2, msgs=[append("f1", 12, 0)]), 1.002)
+    assert sec.on_replies("f1", reply_from("f1"), 1.003) is True    # the leader needs it
 
 
 def test_secretary_fencing():
@@ -528,7 +582,8 @@ def test_secretary_refuses_batches_larger_than_its_window():
 def test_unreachable_follower_is_reported():
     sec = SecretaryRelay("s1")
     sec.on_batch("L", batch(1), 1.0)
-    sec.unreachable("f2")
+    sec.unreachable("f2", 1.0)
+    assert sec.flush_at == pytest.approx(1.002)   # told as soon as a reply would be
     _, payload = sec.flush(1.0)
     assert wire.decode_report(payload, "L").unreachable == ("f2",)
 

@@ -23,6 +23,7 @@ from bwcore.logs import get_logger
 from bwcore.plugins import PluginHost
 from bwraft_plugins import secretary_wire as wire
 from bwraft_plugins.secretary import SecretaryPlugin
+from bwraft_plugins.secretary_relay import QUIET_FACTOR
 
 TERM = 3
 DEFAULTS = dict(SecretaryPlugin.settings_defaults)
@@ -189,6 +190,13 @@ def test_reply_deadline_must_be_well_under_the_election_timeout():
         FakeNode(Net(), "L", settings={"reply_deadline_ms": 600})
 
 
+def test_report_delay_must_leave_quiet_reports_well_inside_the_reply_deadline():
+    # The default deadline is 300 ms: ten report delays of 15 ms would be half of it.
+    with pytest.raises(ConfigError, match="max_report_delay_ms: 10 x 15 ms is not well under"):
+        FakeNode(Net(), "L", settings={"max_report_delay_ms": 15})
+    FakeNode(Net(), "L2", settings={"max_report_delay_ms": 14})
+
+
 def test_followers_advertise_the_relay_and_the_leader_learns_the_view():
     net, leader, follower, secretary = cluster()
     assert follower.gossip.member.local.tags == {"relay": "secretary/1"}
@@ -225,12 +233,12 @@ def test_one_round_trip_through_the_secretary():
         secretary.registry).decode()
 
 
-def test_report_waits_at_most_max_report_delay():
+def test_a_batch_nobody_answers_is_acknowledged_within_quiet_factor_report_delays():
     net, leader, follower, secretary = cluster({"max_report_delay_ms": 5.0})
     leader.route([Message(MT.HEARTBEAT, "F1", "L", TERM, commit=5)])
     net.deliver()
     assert not any(peer == "L" for peer, _ in secretary.sent)
-    net.clock.advance(0.004)
+    net.clock.advance(QUIET_FACTOR * 0.005 - 0.001)
     assert not any(peer == "L" for peer, _ in secretary.sent)
     net.clock.advance(0.002)
     [(_, report)] = [(p, m) for p, m in secretary.sent if p == "L"]
