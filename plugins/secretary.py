@@ -55,8 +55,9 @@ class SecretaryService(Service):
     Reports leave when every follower of the batches in hand has answered, or as many as the
     leader needs to commit (the batch's hint) have answered with news (at the end of that
     reactor turn), or ``max_delay`` after the first unreported news at the latest; a batch
-    nobody has answered yet, and answers that are no news, are reported within ``QUIET_FACTOR``
-    delays, so that the leader hears from a live secretary well within its reply deadline.
+    nobody has answered yet, and answers that are no news, are reported within the relay's
+    ``quiet_delay`` (``QUIET_FACTOR`` delays, at most a quarter of the reply deadline), so that
+    the leader hears from a live secretary well within its reply deadline.
     """
 
     def __init__(self, node: Any, relay: SecretaryRelay) -> None:
@@ -172,14 +173,6 @@ class SecretaryPlugin:
                 f"{config.source or '<config>'}: plugins.secretary.reply_deadline_ms: "
                 f"{deadline * 1000:g} ms is not well under the election timeout "
                 f"({election * 1000:g} ms); use less than half of it")
-        quiet = QUIET_FACTOR * s["max_report_delay_ms"] / 1000
-        if quiet >= deadline / 2:
-            # A secretary acknowledges a batch nobody has answered, or answers that are no
-            # news, within QUIET_FACTOR report delays: the leader must not take it for late.
-            raise ConfigError(
-                f"{config.source or '<config>'}: plugins.secretary.max_report_delay_ms: "
-                f"{QUIET_FACTOR} x {s['max_report_delay_ms']:g} ms is not well under the reply"
-                f" deadline ({deadline * 1000:g} ms); use less than a {2 * QUIET_FACTOR}th of it")
         return RelaySettings(
             reply_deadline=deadline,
             rehire_after=s["rehire_after_ms"] / 1000 or 2 * election,
@@ -198,9 +191,13 @@ class SecretaryPlugin:
         self.node = node
         self._log = node.log.bind(logger="bwraft_plugins.secretary")
         if node.config.role == ROLE:
-            relay = SecretaryRelay(node.node_id, window=settings.window,
-                                   max_delay=self.settings["max_report_delay_ms"] / 1000,
-                                   max_relay_bytes=settings.max_frame_bytes)
+            max_delay = self.settings["max_report_delay_ms"] / 1000
+            # Quiet reports (a batch nobody has answered yet, answers without news) must
+            # still reach the leader well within its reply deadline.
+            relay = SecretaryRelay(node.node_id, window=settings.window, max_delay=max_delay,
+                                   max_relay_bytes=settings.max_frame_bytes,
+                                   quiet_delay=min(QUIET_FACTOR * max_delay,
+                                                   settings.reply_deadline / 4))
             self.service = SecretaryService(node, relay)
             return self.service
         voters = {vid: str(v.raft) for vid, v in node.config.cluster.voters.items()}

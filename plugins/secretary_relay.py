@@ -53,16 +53,21 @@ class SecretaryRelay:
     Args:
         node_id: The secretary's id.
         window: The most distinct entries it accepts in one batch (it holds no more).
-        max_delay: Seconds a reply may wait to be reported along with others.
+        max_delay: Seconds a reply with news may wait to be reported along with others.
+        quiet_delay: Seconds a reply without news, or a batch nobody has answered, may wait
+            (default ``QUIET_FACTOR * max_delay``; the plugin keeps it well under the
+            leader's reply deadline).
         max_relay_bytes: Entry bytes above which the messages to one follower are split over
             several RELAY frames.
     """
 
     def __init__(self, node_id: str, *, window: int = 4096, max_delay: float = 0.002,
-                 max_relay_bytes: int = 8 * 1024 * 1024) -> None:
+                 max_relay_bytes: int = 8 * 1024 * 1024, quiet_delay: float | None = None
+                 ) -> None:
         self.node_id = node_id
         self.window = window
         self.max_delay = max_delay
+        self.quiet_delay = QUIET_FACTOR * max_delay if quiet_delay is None else quiet_delay
         self.max_relay_bytes = max_relay_bytes
         self.stats = SecretaryStats()
         self.leader: str | None = None
@@ -135,7 +140,7 @@ class SecretaryRelay:
                    for to, items in by_target.items() if items)
         # The batch is acknowledged with the first report its replies bring, or on its own
         # well within the leader's reply deadline.
-        self._report_by(now + QUIET_FACTOR * self.max_delay)
+        self._report_by(now + self.quiet_delay)
         return out
 
     def on_replies(self, peer: str, replies: wire.Replies, now: float) -> bool:
@@ -145,9 +150,9 @@ class SecretaryRelay:
         turn).
 
         News is anything but an acknowledgement of an index the follower already acknowledged
-        (its answer to a commit notice, say): that tells the leader nothing it would act on
-        (Raft §5.3: the leader keeps the highest match it hears), so it waits for the next
-        report instead of making one.
+        since its last rejection (its answer to a commit notice, say): the leader acts on an
+        acknowledgement only when it raises the follower's match (Raft §5.3), which only a
+        rejection lowers, so that one waits for the next report instead of making one.
         """
         if self.leader is None or replies.term != self.term or replies.leader != self.leader:
             self.stats.drop("stale_reply")  # never forward a reply of another assignment
@@ -164,6 +169,10 @@ class SecretaryRelay:
                     acknowledged[peer] = index
                     news = True
             else:
+                if reject:
+                    # The follower lacks what it had (wiped storage): the leader lowers its
+                    # match, and every acknowledgement up to the old one is news again.
+                    acknowledged.pop(peer, None)
                 news = True
         owed = self._awaiting.get(peer)
         if owed is not None:
@@ -171,7 +180,7 @@ class SecretaryRelay:
             if owed[0] <= 0:
                 del self._awaiting[peer]
         if not news:
-            self._report_by(now + QUIET_FACTOR * self.max_delay)
+            self._report_by(now + self.quiet_delay)
             return False
         self._answered.add(peer)
         self._report_by(now + self.max_delay)
@@ -216,7 +225,8 @@ class SecretaryRelay:
         return self.leader, payload
 
     def report_lost(self) -> None:
-        """The report could not be sent: what it acknowledged is news again."""
+        """The report could not even be queued: what it acknowledged is news again. (A
+        report lost after it was queued costs at most ``quiet_delay`` more.)"""
         self._acknowledged.clear()
 
     def status(self) -> dict[str, Any]:

@@ -545,6 +545,22 @@ def test_rejections_heartbeat_replies_and_read_acknowledgements_are_always_news(
         sec.flush(1.013)
 
 
+def test_a_rejection_makes_the_followers_acknowledgements_news_again():
+    # A follower whose storage was wiped rejects, and the leader lowers its match: its next
+    # acknowledgements, even of indexes it acknowledged before, are what the leader needs.
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    sec.on_batch("L", batch(1, msgs=[append("f1", 10, 2)]), 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.001) is True
+    sec.flush(1.001)
+    sec.on_batch("L", batch(2, msgs=[append("f1", 12, 0)]), 1.002)
+    rejection = Message(MT.APPEND_RESP, "L", "f1", TERM, index=12, reject=True, reject_hint=0)
+    sec.on_replies("f1", wire.decode_replies(through_wire(wire.encode_replies(
+        TERM, "L", [rejection]))), 1.003)
+    sec.flush(1.003)
+    sec.on_batch("L", batch(3, msgs=[append("f1", 0, 12)]), 1.004)
+    assert sec.on_replies("f1", reply_from("f1", index=12), 1.005) is True
+
+
 def test_a_report_that_could_not_be_sent_makes_its_acknowledgements_news_again():
     sec = SecretaryRelay("s1", max_delay=0.002)
     sec.on_batch("L", batch(1, msgs=[append("f1", 10, 2)]), 1.0)
