@@ -30,6 +30,7 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from bwcore.codec import PluginFrame
 from bwcore.config import Address, NodeConfig, parse_address
 from bwcore.errors import ConfigError, NotLeader, Unavailable
 from bwcore.hookspecs import SnapshotsOffReactor
@@ -580,8 +581,6 @@ class RaftNode(MultiService):
 
     def send_plugin_frame(self, peer: str, plugin: str, payload: Any) -> bool:
         """Send a plugin frame to ``peer``; False if it was dropped at once."""
-        from bwcore.codec import PluginFrame
-
         if self.transport is None:
             return False
         return bool(self.transport.send(peer, PluginFrame(plugin, payload)))
