@@ -276,7 +276,7 @@ def main() -> int:
 def table(runs: list[Result]) -> str:
     """Medians per cluster; "change" is the median over repeats of each secretary run's leader
     CPU against the direct run just before it (the pair ran back to back, so the machine's
-    drift between repeats cancels out)."""
+    drift between repeats cancels out), with the lowest and highest pair in brackets."""
     groups: dict[tuple[int, bool], list[Result]] = {}
     for r in runs:
         groups.setdefault((r.followers, r.secretary), []).append(r)
@@ -292,6 +292,8 @@ def table(runs: list[Result]) -> str:
             ratios = [s.cpu_per_10k_writes / d.cpu_per_10k_writes
                       for d, s in zip(groups[(n, False)], rs)]
             change = f"{statistics.median(ratios) - 1:+.0%}"
+            if len(ratios) > 1:   # single pairs on a noisy machine: how far they spread
+                change += f" ({min(ratios) - 1:+.0%} to {max(ratios) - 1:+.0%})"
         rows.append(f"| {'leader alone' if n == 0 else n} | {'yes' if sec else 'no'} | "
                     f"{med['cpu_per_10k_writes']:.2f} | {change} | "
                     f"{med['writes_per_second']:.0f} | "
