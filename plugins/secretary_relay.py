@@ -77,9 +77,11 @@ class SecretaryRelay:
         self._replies: list[tuple[str, list[Any]]] = []
         #: follower -> [replies it still owes, since when it has owed any].
         self._awaiting: dict[str, list[Any]] = {}
-        #: follower -> the highest index it acknowledged in this assignment (reported, or
-        #: buffered for the next report): an acknowledgement of no more is no news.
+        #: follower -> the highest index it acknowledged in this assignment since its last
+        #: rejection (reported, or buffered for the next report): no more is no news.
         self._acknowledged: dict[str, int] = {}
+        #: Whether any reply buffered for the next report is news.
+        self._news = False
         #: Followers that answered with news since the last report, and how many the leader
         #: needs to commit (its hint in the latest batch; 0: none).
         self._answered: set[str] = set()
@@ -104,6 +106,7 @@ class SecretaryRelay:
             self._replies.clear()
             self._awaiting.clear()
             self._acknowledged.clear()
+            self._news = False
             self._answered.clear()
             self._unreachable.clear()
             self.flush_at = None
@@ -144,7 +147,7 @@ class SecretaryRelay:
         return out
 
     def on_replies(self, peer: str, replies: wire.Replies, now: float) -> bool:
-        """A follower's replies. Returns True when they are news and every follower has
+        """A follower's replies. Returns True when news is waiting and every follower has
         answered everything relayed to it, or as many as the leader needs to commit have
         answered with news since the last report: report at once (at the end of this reactor
         turn).
@@ -179,14 +182,16 @@ class SecretaryRelay:
             owed[0] -= len(replies.items)
             if owed[0] <= 0:
                 del self._awaiting[peer]
-        if not news:
+        if news:
+            self._news = True
+            self._answered.add(peer)
+            self._report_by(now + self.max_delay)
+        else:
             self._report_by(now + self.quiet_delay)
-            return False
-        self._answered.add(peer)
-        self._report_by(now + self.max_delay)
         # The leader commits once a quorum has the entries (Raft §5.3): the acknowledgements
         # it needs from here go back as soon as they are in; the rest follow together.
-        return not self._awaiting or 0 < self._report_after <= len(self._answered)
+        return self._news and (not self._awaiting
+                               or 0 < self._report_after <= len(self._answered))
 
     def _report_by(self, when: float) -> None:
         if self.flush_at is None or when < self.flush_at:
@@ -221,6 +226,7 @@ class SecretaryRelay:
         self._replies = []
         self._unreachable = set()
         self._answered = set()
+        self._news = False
         self._reported_seq = self._ack_seq
         return self.leader, payload
 

@@ -528,6 +528,20 @@ def test_an_acknowledgement_of_nothing_new_waits_for_the_next_report():
     assert [(m.frm, m.index) for m in report.replies] == [("f1", 13), ("f2", 13)]
 
 
+def test_the_last_answer_sends_waiting_news_at_once_even_if_it_is_none_itself():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    sec.on_batch("L", batch(1, msgs=[append("f1", 10, 2), append("f2", 10, 2)]), 1.0)
+    assert sec.on_replies("f1", reply_from("f1"), 1.001) is False
+    assert sec.on_replies("f2", reply_from("f2"), 1.001) is True
+    sec.flush(1.001)
+    sec.on_batch("L", batch(2, msgs=[append("f1", 12, 1), append("f2", 12, 0)]), 1.002)
+    assert sec.on_replies("f1", reply_from("f1", index=13), 1.003) is False   # f2 still due
+    assert sec.on_replies("f2", reply_from("f2"), 1.003) is True    # no news, but f1's waits
+    _, payload = sec.flush(1.003)
+    assert [(m.frm, m.index) for m in wire.decode_report(payload, "L").replies] == [
+        ("f1", 13), ("f2", 12)]
+
+
 def test_rejections_heartbeat_replies_and_read_acknowledgements_are_always_news():
     sec = SecretaryRelay("s1", max_delay=0.002)
     sec.on_batch("L", batch(1, msgs=[append("f1", 10, 2), heartbeat("f2", context=b"r1")]),
