@@ -22,8 +22,12 @@ writes per second whatever the latency (open loop): both clusters do the same wo
 and CPU per write compares the leader's work alone. ``--local-followers 0`` leaves the leader
 alone in its datacenter, so that every follower is in the remote one.
 
-Prints one JSON line per run and a Markdown table of the medians. The leader's CPU is this
-process's (user + system), per 10,000 acknowledged writes. Benchmarks assert nothing.
+With ``--repeat``, each repeat is a pair (direct, with a secretary), and every other pair runs
+the secretary cluster first. Prints one JSON line per run and a Markdown table of the medians.
+The leader's CPU is this process's (user + system), per 10,000 acknowledged writes; with
+``--leader-cpu``, each run also records how busy the other CPUs were (if they are saturated,
+the followers answer late and in bunches, and the leader's CPU per write swings from run to
+run). Benchmarks assert nothing.
 """
 
 from __future__ import annotations
@@ -79,6 +83,8 @@ class Result:
     readies_per_write: float
     reports_per_write: float
     takebacks: int
+    #: How busy the CPUs other than the leader's were (%), where the other nodes run.
+    others_busy: int | None = None
 
 
 @contextlib.contextmanager
@@ -93,6 +99,25 @@ def other_cpus(leader_cpu: int | None) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, {leader_cpu})
+
+
+def cpu_times() -> dict[int, tuple[int, int]]:
+    """CPU number -> (all, idle + iowait) jiffies since boot, from /proc/stat."""
+    out = {}
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(x) for x in fields[:8]]
+                out[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
+    return out
+
+
+def busy_percent(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+                 cpus: set[int]) -> int:
+    total = sum(after[c][0] - before[c][0] for c in cpus)
+    idle = sum(after[c][1] - before[c][1] for c in cpus)
+    return round(100 * (total - idle) / max(1, total))
 
 
 def sample(node: RaftNode, name: str) -> float:
@@ -208,12 +233,17 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
             return counts["ok"]
 
         await drive(1.0)   # warm-up
+        times0 = cpu_times()
         cpu0, sent0 = own_cpu_seconds(), sample(node, "bwraft_transport_sent_bytes_total")
         counts0 = [sample(node, name) for name in BATCHING]
         commit0, started = node.kernel.commit_index, time.perf_counter()
         writes = await drive(args.seconds)
         seconds = time.perf_counter() - started
         cpu = own_cpu_seconds() - cpu0
+        times1 = cpu_times()
+        others = None
+        if args.leader_cpu is not None:
+            others = busy_percent(times0, times1, set(times1) - {args.leader_cpu})
         committed = max(1, node.kernel.commit_index - commit0)
         sent = sample(node, "bwraft_transport_sent_bytes_total") - sent0
         saved, saves, readies, reports, takebacks = (sample(node, name) - c0
@@ -222,7 +252,7 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
                       round(cpu / max(1, writes) * 10_000, 2), round(writes / seconds, 1),
                       round(sent / committed, 1), round(saved / max(1, saves), 1),
                       round(readies / max(1, writes), 2), round(reports / max(1, writes), 3),
-                      int(takebacks))
+                      int(takebacks), others)
     finally:
         try:
             if node is not None:
@@ -262,7 +292,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bwraft-secretary-inproc-") as tmp:
             for n in args.followers:
                 for k in range(args.repeat):
-                    for with_secretary in (False, True) if n else (False,):
+                    # ABBA: every other pair runs the secretary cluster first, so that what a
+                    # run leaves behind (the last cluster's teardown, its files being
+                    # deleted) weighs on both kinds of run alike.
+                    order = (False, True) if k % 2 == 0 else (True, False)
+                    for with_secretary in order if n else (False,):
                         r = await one_run(reactor, Path(tmp) / f"run{k}", n, with_secretary,
                                           args)
                         print(json.dumps(asdict(r)), file=sys.stderr, flush=True)
@@ -275,18 +309,20 @@ def main() -> int:
 
 def table(runs: list[Result]) -> str:
     """Medians per cluster; "change" is the median over repeats of each secretary run's leader
-    CPU against the direct run just before it (the pair ran back to back, so the machine's
-    drift between repeats cancels out), with the lowest and highest pair in brackets."""
+    CPU against the direct run of the same repeat (the pair ran back to back, so the machine's
+    drift between repeats cancels out), with the lowest and highest pair in brackets; "other
+    CPUs busy" (with ``--leader-cpu``) is how busy the CPUs of the other nodes were."""
     groups: dict[tuple[int, bool], list[Result]] = {}
     for r in runs:
         groups.setdefault((r.followers, r.secretary), []).append(r)
     rows = ["| N east | secretary | leader CPU s/10k writes | change (paired) | writes/s "
-            "| bytes/entry | entries/save | reports/write | take-backs |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| bytes/entry | entries/save | reports/write | take-backs | other CPUs busy |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for (n, sec), rs in sorted(groups.items()):
         med = {f: statistics.median(getattr(r, f) for r in rs)
                for f in ("cpu_per_10k_writes", "writes_per_second", "bytes_per_entry",
                          "entries_per_save", "reports_per_write")}
+        busy = [r.others_busy for r in rs if r.others_busy is not None]
         change = ""
         if sec:
             ratios = [s.cpu_per_10k_writes / d.cpu_per_10k_writes
@@ -298,7 +334,8 @@ def table(runs: list[Result]) -> str:
                     f"{med['cpu_per_10k_writes']:.2f} | {change} | "
                     f"{med['writes_per_second']:.0f} | "
                     f"{med['bytes_per_entry']:,.0f} | {med['entries_per_save']:.1f} | "
-                    f"{med['reports_per_write']:.2f} | {sum(r.takebacks for r in rs)} |")
+                    f"{med['reports_per_write']:.2f} | {sum(r.takebacks for r in rs)} | "
+                    + (f"{min(busy)}-{max(busy)}% |" if busy else "|"))
     return "\n".join(rows)
 
 
