@@ -292,9 +292,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="bwraft-secretary-inproc-") as tmp:
             for n in args.followers:
                 for k in range(args.repeat):
-                    # ABBA: every other pair runs the secretary cluster first, so that what a
-                    # run leaves behind (the last cluster's teardown, its files being
-                    # deleted) weighs on both kinds of run alike.
+                    # ABBA: every other pair runs the secretary cluster first, so that
+                    # whatever one run leaves to the next (processes still exiting, files
+                    # still being written back) weighs on both kinds of run alike.
                     order = (False, True) if k % 2 == 0 else (True, False)
                     for with_secretary in order if n else (False,):
                         r = await one_run(reactor, Path(tmp) / f"run{k}", n, with_secretary,
