@@ -3,7 +3,11 @@
 The persistence rule (Raft §5, Figure 2, "respond to RPCs only after updating stable
 storage"): a Ready's ``persisted_messages`` may leave only once its ``hard_state``,
 ``snapshot`` and ``entries`` are durable. ``messages`` may leave at once — a leader may send
-appends while it persists the same entries (dissertation §10.2.1).
+appends while it persists the same entries (dissertation §10.2.1) — except while a new term or
+vote is not yet durable: then nothing leaves before it is. Every message carries the term, and
+a node that spoke in a term it could forget would start that term again after a crash; a
+candidate could then win it twice and write two different entries at one index and term (Log
+Matching broken, and with it State Machine Safety).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ class Ready:
         snapshot: a leader's snapshot to persist (storage then holds no older entries) and
             install into the state machine before applying ``committed_entries``.
         entries: to append durably, replacing stored entries from ``entries[0].index`` on.
-        messages: may be sent at once.
+        messages: may be sent at once (empty when ``hard_state`` carries a new term or vote).
         persisted_messages: may be sent only after the above is durable.
         committed_entries: to apply in order, after persisting. Configuration-change entries
             are already reflected in the kernel's configuration; the driver only skips them.
@@ -83,6 +87,8 @@ class RawNode:
         r = self._raft
         # What the driver already has: a bootstrapped node has persisted nothing yet.
         self._prev_hard = HardState() if r._bootstrapped else r.hard_state()
+        #: The hard state of the last Ready advanced: what the driver holds durably.
+        self._durable_hard = self._prev_hard
         self._prev_soft = SoftState(None, StateRole.FOLLOWER)
         self._outstanding: Ready | None = None
 
@@ -167,8 +173,11 @@ class RawNode:
         soft, hard = self._soft(), r.hard_state()
         now: list[Message] = []
         later: list[Message] = []
-        for m in r.msgs:
-            (later if m.type in RESPONSES_AFTER_PERSIST else now).append(m)
+        if not self._term_and_vote_durable():
+            later = r.msgs   # the term they carry is not durable yet (module docstring)
+        else:
+            for m in r.msgs:
+                (later if m.type in RESPONSES_AFTER_PERSIST else now).append(m)
         rd = Ready(
             soft_state=soft if soft != self._prev_soft else None,
             hard_state=hard if hard != self._prev_hard else None,
@@ -195,15 +204,25 @@ class RawNode:
         """
         r = self._raft
         r.flush_read_round()
+        if not self._term_and_vote_durable():
+            # The Ready being saved, or none yet, holds a new term or vote: a candidate that
+            # wins during that save must not send appends of a term it could still forget.
+            return []
         now = [m for m in r.msgs if m.type not in RESPONSES_AFTER_PERSIST]
         if now:
             r.msgs = [m for m in r.msgs if m.type in RESPONSES_AFTER_PERSIST]
         return now
 
+    def _term_and_vote_durable(self) -> bool:
+        r, durable = self._raft, self._durable_hard
+        return r.term == durable.term and r.vote == durable.vote
+
     def advance(self, rd: Ready) -> None:
         if rd is not self._outstanding:
             raise RuntimeError("advance() takes the Ready returned by the last ready()")
         self._outstanding = None
+        if rd.hard_state is not None:
+            self._durable_hard = rd.hard_state
         log = self._raft.log
         if rd.snapshot is not None:
             log.snapshot_installed(rd.snapshot)

@@ -122,6 +122,39 @@ def test_vote_response_waits_for_persistence():
     assert [m.type for m in rd.persisted_messages] == [MT.VOTE_RESP] and not rd.messages
 
 
+def test_vote_requests_wait_for_the_candidates_term():
+    """Figure 2: a candidate's new term and its vote for itself are durable before it asks for
+    votes. Otherwise a crash could take it back to the old term, and it could win the same
+    term twice and write two different entries at one index and term."""
+    raw = new_node(pre_vote=False, check_quorum=False)
+    raw.campaign()
+    rd = raw.ready()
+    assert rd.hard_state is not None and (rd.hard_state.term, rd.hard_state.vote) == (2, "a")
+    assert not rd.messages
+    assert sorted((m.type, m.to) for m in rd.persisted_messages) == [(MT.VOTE, "b"),
+                                                                      (MT.VOTE, "c")]
+
+
+def test_leader_elected_during_the_save_of_its_term_sends_nothing_before_it():
+    """A candidate may win while the Ready with its new term is still being saved (the votes
+    of a pre-vote round, say, come back fast): its appends wait for that save too, also those
+    a driver takes early (take_messages, dissertation §10.2.1)."""
+    raw = new_node(check_quorum=False)
+    raw.campaign()                                  # pre-vote: no new term yet
+    for m in drain(raw):
+        raw.step(Message(MT.PRE_VOTE_RESP, "a", m.to, m.term))
+    rd = raw.ready()                                # the new term, being saved
+    assert rd.hard_state is not None and rd.hard_state.term == 2 and not rd.messages
+    for frm in ("b", "c"):
+        raw.step(Message(MT.VOTE_RESP, "a", frm, 2))
+    assert raw.role is StateRole.LEADER
+    assert raw.take_messages() == []
+    raw.advance(rd)                                 # saved: now the term is durable
+    early = raw.take_messages()
+    assert sorted((m.type, m.to, m.term) for m in early) == [(MT.APPEND, "b", 2),
+                                                             (MT.APPEND, "c", 2)]
+
+
 def test_candidate_falls_back_on_leader_of_its_term():
     """§5.2: "If the AppendEntries RPC is from a leader whose term is at least as large as the
     candidate's current term, the candidate ... returns to follower state." """

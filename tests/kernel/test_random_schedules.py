@@ -6,6 +6,8 @@ seed and the command that replays it.
 
 from __future__ import annotations
 
+import pytest
+
 from bwcore.sim.invariants import InvariantViolation
 from bwcore.sim.schedule import ScheduleStats, run_schedule
 
@@ -51,3 +53,14 @@ def test_randomized_schedules(request, record_property):
     request.config.bwraft_schedule_summary = summary
     assert total.steps == seeds * request.config.getoption("--sim-steps")
     assert total.acked > seeds and total.reads_served > 0 and total.conf_changes > 0
+
+
+#: Seeds that once broke an invariant, replayed on every run whatever ``--sim-first-seed``
+#: says. 1013095: a candidate won while its new term was being saved, sent appends, crashed
+#: before the save and won the same term again (two entries at one index and term).
+REGRESSIONS = (1013095,)
+
+
+@pytest.mark.parametrize("seed", REGRESSIONS)
+def test_schedules_that_once_failed(seed: int) -> None:
+    run_schedule(seed, 400)
