@@ -3,11 +3,11 @@
 The persistence rule (Raft §5, Figure 2, "respond to RPCs only after updating stable
 storage"): a Ready's ``persisted_messages`` may leave only once its ``hard_state``,
 ``snapshot`` and ``entries`` are durable. ``messages`` may leave at once — a leader may send
-appends while it persists the same entries (dissertation §10.2.1) — except while a new term or
-vote is not yet durable: then nothing leaves before it is. Every message carries the term, and
-a node that spoke in a term it could forget would start that term again after a crash; a
-candidate could then win it twice and write two different entries at one index and term (Log
-Matching broken, and with it State Machine Safety).
+appends while it persists the same entries (dissertation §10.2.1) — except that a candidate or
+leader whose term or vote is not yet durable sends nothing before it is. A candidate that asked
+for votes in a term it could forget in a crash would ask again in the same term after
+restarting, its voters would grant it again, and it could lead that term twice, writing two
+different entries at one index and term (Log Matching broken, and with it State Machine Safety).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class Ready:
         snapshot: a leader's snapshot to persist (storage then holds no older entries) and
             install into the state machine before applying ``committed_entries``.
         entries: to append durably, replacing stored entries from ``entries[0].index`` on.
-        messages: may be sent at once (empty when ``hard_state`` carries a new term or vote).
+        messages: may be sent at once (none from a candidate or leader whose new term or vote
+            is in ``hard_state``).
         persisted_messages: may be sent only after the above is durable.
         committed_entries: to apply in order, after persisting. Configuration-change entries
             are already reflected in the kernel's configuration; the driver only skips them.
@@ -173,7 +174,7 @@ class RawNode:
         soft, hard = self._soft(), r.hard_state()
         now: list[Message] = []
         later: list[Message] = []
-        if not self._term_and_vote_durable():
+        if self._term_unsaved():
             later = r.msgs   # the term they carry is not durable yet (module docstring)
         else:
             for m in r.msgs:
@@ -204,18 +205,22 @@ class RawNode:
         """
         r = self._raft
         r.flush_read_round()
-        if not self._term_and_vote_durable():
-            # The Ready being saved, or none yet, holds a new term or vote: a candidate that
-            # wins during that save must not send appends of a term it could still forget.
+        if self._term_unsaved():
+            # A candidate that won while the Ready with its new term is being saved: its
+            # appends wait for that save too.
             return []
         now = [m for m in r.msgs if m.type not in RESPONSES_AFTER_PERSIST]
         if now:
             r.msgs = [m for m in r.msgs if m.type in RESPONSES_AFTER_PERSIST]
         return now
 
-    def _term_and_vote_durable(self) -> bool:
+    def _term_unsaved(self) -> bool:
+        """A candidate or leader whose term or vote the driver has not reported durable (a
+        follower's messages are answers, and those that depend on its vote or log are
+        persisted_messages anyway)."""
         r, durable = self._raft, self._durable_hard
-        return r.term == durable.term and r.vote == durable.vote
+        return r.role in (StateRole.CANDIDATE, StateRole.LEADER) \
+            and (r.term != durable.term or r.vote != durable.vote)
 
     def advance(self, rd: Ready) -> None:
         if rd is not self._outstanding:
