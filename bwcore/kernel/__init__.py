@@ -15,6 +15,7 @@ from bwcore.kernel.types import (
     ProposalDropped,
     ReadState,
     RESPONSES_AFTER_PERSIST,
+    SENT_AS_CANDIDATE_OR_LEADER,
     Snapshot,
     SnapshotMeta,
     SoftState,
@@ -24,6 +25,6 @@ from bwcore.kernel.types import (
 __all__ = [
     "KernelConfig", "RawNode", "Ready",
     "ConfChange", "ConfChangeType", "ConfState", "Entry", "EntryType", "HardState", "Message",
-    "MessageType", "ProposalDropped", "ReadState", "RESPONSES_AFTER_PERSIST", "Snapshot",
-    "SnapshotMeta", "SoftState", "StateRole",
+    "MessageType", "ProposalDropped", "ReadState", "RESPONSES_AFTER_PERSIST",
+    "SENT_AS_CANDIDATE_OR_LEADER", "Snapshot", "SnapshotMeta", "SoftState", "StateRole",
 ]

@@ -3,11 +3,14 @@
 The persistence rule (Raft §5, Figure 2, "respond to RPCs only after updating stable
 storage"): a Ready's ``persisted_messages`` may leave only once its ``hard_state``,
 ``snapshot`` and ``entries`` are durable. ``messages`` may leave at once — a leader may send
-appends while it persists the same entries (dissertation §10.2.1) — except that a candidate or
-leader whose term or vote is not yet durable sends nothing before it is. A candidate that asked
-for votes in a term it could forget in a crash would ask again in the same term after
-restarting, its voters would grant it again, and it could lead that term twice, writing two
-different entries at one index and term (Log Matching broken, and with it State Machine Safety).
+appends while it persists the same entries (dissertation §10.2.1) — except what a node says as
+a candidate or leader (``SENT_AS_CANDIDATE_OR_LEADER``) in a term whose vote for itself is not
+yet durable. A candidate that asked for votes in a term it could forget in a crash would ask
+again in the same term after restarting, its voters would grant it again, and it could lead
+that term twice, writing two different entries at one index and term (Log Matching broken, and
+with it State Machine Safety). The rule looks at each message's own term, not at the node's
+role when it leaves: a candidate that fell back to pre-candidate, or a leader that stepped
+down, before its term was saved still holds what it said in that term.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Protocol
 from bwcore.kernel.raft import KernelConfig, Raft, Rng
 from bwcore.kernel.types import (
     RESPONSES_AFTER_PERSIST,
+    SENT_AS_CANDIDATE_OR_LEADER,
     ConfChange,
     ConfState,
     Entry,
@@ -55,8 +59,8 @@ class Ready:
         snapshot: a leader's snapshot to persist (storage then holds no older entries) and
             install into the state machine before applying ``committed_entries``.
         entries: to append durably, replacing stored entries from ``entries[0].index`` on.
-        messages: may be sent at once (none from a candidate or leader whose new term or vote
-            is in ``hard_state``).
+        messages: may be sent at once (never what a candidate or leader says in a term whose
+            vote is in ``hard_state``: module docstring).
         persisted_messages: may be sent only after the above is durable.
         committed_entries: to apply in order, after persisting. Configuration-change entries
             are already reflected in the kernel's configuration; the driver only skips them.
@@ -172,13 +176,7 @@ class RawNode:
         r = self._raft
         r.flush_read_round()
         soft, hard = self._soft(), r.hard_state()
-        now: list[Message] = []
-        later: list[Message] = []
-        if self._term_unsaved():
-            later = r.msgs   # the term they carry is not durable yet (module docstring)
-        else:
-            for m in r.msgs:
-                (later if m.type in RESPONSES_AFTER_PERSIST else now).append(m)
+        now, later = self._split(r.msgs)
         rd = Ready(
             soft_state=soft if soft != self._prev_soft else None,
             hard_state=hard if hard != self._prev_hard else None,
@@ -200,27 +198,32 @@ class RawNode:
 
         A driver calls this while a Ready is being persisted, so that a leader's appends for
         proposals made meanwhile go out at once instead of waiting for that fsync: they depend
-        on no unsaved state (dissertation §10.2.1). Responses that do (``persisted_messages``)
+        on no unsaved state (dissertation §10.2.1). Responses that do, and what the node said
+        as a candidate or leader in a term not yet saved with its vote (module docstring),
         stay in the kernel for the next Ready.
         """
         r = self._raft
         r.flush_read_round()
-        if self._term_unsaved():
-            # A candidate that won while the Ready with its new term is being saved: its
-            # appends wait for that save too.
-            return []
-        now = [m for m in r.msgs if m.type not in RESPONSES_AFTER_PERSIST]
+        now, later = self._split(r.msgs)
         if now:
-            r.msgs = [m for m in r.msgs if m.type in RESPONSES_AFTER_PERSIST]
+            r.msgs = later
         return now
 
-    def _term_unsaved(self) -> bool:
-        """A candidate or leader whose term or vote the driver has not reported durable (a
-        follower's messages are answers, and those that depend on its vote or log are
-        persisted_messages anyway)."""
-        r, durable = self._raft, self._durable_hard
-        return r.role in (StateRole.CANDIDATE, StateRole.LEADER) \
-            and (r.term != durable.term or r.vote != durable.vote)
+    def _split(self, msgs: list[Message]) -> tuple[list[Message], list[Message]]:
+        """``msgs`` that may leave now, and those that must wait for the next save."""
+        durable = self._durable_hard
+        # The last term this node may speak in as a candidate or leader: one it holds
+        # durably, having durably voted for itself in it (module docstring).
+        spoken = durable.term if durable.vote == self._raft.id else durable.term - 1
+        now: list[Message] = []
+        later: list[Message] = []
+        for m in msgs:
+            if m.type in RESPONSES_AFTER_PERSIST \
+                    or (m.term > spoken and m.type in SENT_AS_CANDIDATE_OR_LEADER):
+                later.append(m)
+            else:
+                now.append(m)
+        return now, later
 
     def advance(self, rd: Ready) -> None:
         if rd is not self._outstanding:

@@ -120,6 +120,13 @@ RESPONSES_AFTER_PERSIST = frozenset(
     {MessageType.VOTE_RESP, MessageType.PRE_VOTE_RESP, MessageType.APPEND_RESP}
 )
 
+#: What a node sends as a candidate or a leader: only in a term it cannot forget, one whose
+#: vote for itself is durable (see :mod:`bwcore.kernel.rawnode`).
+SENT_AS_CANDIDATE_OR_LEADER = frozenset(
+    {MessageType.VOTE, MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT,
+     MessageType.TIMEOUT_NOW, MessageType.READ_INDEX_RESP}
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Message:

@@ -2,7 +2,9 @@
 
 The numbers follow ../design PROTOCOL.md "Safety invariants": 1 election safety, 2 log
 matching, 3 leader completeness, 4 state machine safety, 5 non-voters never in a quorum,
-6 relayed messages are the leader's own, 7 linearizable reads. Each check is incremental so
+6 relayed messages are the leader's own, 7 linearizable reads; and, beneath 1 and 2, that a
+node speaks as candidate or leader only in a term it holds durably, having durably voted for
+itself in it (else a crash could let it lead that term twice). Each check is incremental so
 that thousands of schedules stay cheap.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from bwcore.kernel import Entry, Message, MessageType
+from bwcore.kernel import SENT_AS_CANDIDATE_OR_LEADER, Entry, HardState, Message, MessageType
 
 
 _REPLICATION = frozenset({MessageType.APPEND, MessageType.HEARTBEAT, MessageType.SNAPSHOT})
@@ -78,7 +80,14 @@ class SafetyChecker:
             self.fail(f"state machine safety: {node} installed a snapshot at {index} term {term}, "
                       f"committed term {seen[0]}")
 
-    def on_send(self, m: Message, non_voters: frozenset[str]) -> None:
+    def on_send(self, m: Message, non_voters: frozenset[str],
+                durable: HardState | None = None) -> None:
+        """``m`` leaves its sender, whose storage holds ``durable`` (None: unknown)."""
+        if durable is not None and m.type in SENT_AS_CANDIDATE_OR_LEADER \
+                and (m.term > durable.term
+                     or (m.term == durable.term and durable.vote != m.frm)):
+            self.fail(f"durable term: {m.frm} sent {m.type.name} in term {m.term} holding only "
+                      f"term {durable.term} and vote {durable.vote} durably")
         if self.track_relays and m.type in _REPLICATION and self.leaders.get(m.term) == m.frm:
             self.emitted.setdefault(m.term, set()).add(m)
         if m.frm in non_voters and m.type in (MessageType.VOTE_RESP, MessageType.PRE_VOTE_RESP) \

@@ -229,7 +229,9 @@ class SimNetwork:
     # -- the network -----------------------------------------------------------------------
 
     def send(self, m: Message) -> None:
-        self.checker.on_send(m, self.non_voters)
+        sender = self.nodes.get(m.frm)
+        self.checker.on_send(m, self.non_voters,
+                             sender.storage.hard_state if sender is not None else None)
         self.sent += 1
         self.sent_by_type[m.type] = self.sent_by_type.get(m.type, 0) + 1
         if self.router is not None and self.router(m):

@@ -64,6 +64,17 @@ def test_sending_responses_before_persisting_is_caught(monkeypatch):
     assert _first_failure(kind=InvariantViolation) is not None
 
 
+def test_speaking_in_an_unsaved_term_is_caught(monkeypatch):
+    """The persistence rule broken for a candidate or leader: it asks for votes, or appends,
+    before its term and its vote for itself are durable, so that a crash could let it lead
+    that term twice. The checker flags the message itself, within the suite's seeds."""
+    import bwcore.kernel.rawnode as rawnode
+
+    monkeypatch.setattr(rawnode, "SENT_AS_CANDIDATE_OR_LEADER", frozenset())
+    e = _first_failure(seeds=1000, kind=InvariantViolation)
+    assert e is not None and "durable term" in str(e)
+
+
 def test_double_voting_is_caught(monkeypatch):
     """§5.2 broken: a node votes for every candidate that asks."""
     orig = Raft._handle_vote_request

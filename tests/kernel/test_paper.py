@@ -135,10 +135,18 @@ def test_vote_requests_wait_for_the_candidates_term():
                                                                       (MT.VOTE, "c")]
 
 
+def saving(raw):
+    """Hand ``raw`` an append from leader b of term 1 and take its Ready, left unsaved."""
+    raw.step(Message(MT.APPEND, "a", "b", 1, log_term=1, index=BOOT,
+                     entries=(Entry(1, BOOT + 1, b"x"),)))
+    return raw.ready()
+
+
 def test_leader_elected_during_the_save_of_its_term_sends_nothing_before_it():
-    """A candidate may win while the Ready with its new term is still being saved (the votes
-    of a pre-vote round, say, come back fast): its appends wait for that save too, also those
-    a driver takes early (take_messages, dissertation §10.2.1)."""
+    """A candidate can win while the Ready with its new term is still being saved only on
+    grants from an earlier run of itself (asked before a crash, delivered late): its appends
+    wait for that save too, also those a driver takes early (take_messages, dissertation
+    §10.2.1)."""
     raw = new_node(check_quorum=False)
     raw.campaign()                                  # pre-vote: no new term yet
     for m in drain(raw):
@@ -153,6 +161,64 @@ def test_leader_elected_during_the_save_of_its_term_sends_nothing_before_it():
     early = raw.take_messages()
     assert sorted((m.type, m.to, m.term) for m in early) == [(MT.APPEND, "b", 2),
                                                              (MT.APPEND, "c", 2)]
+
+
+def test_what_a_candidate_said_in_an_unsaved_term_waits_whatever_it_is_now():
+    """The rule follows each message's term, not the role when it leaves: a candidate whose
+    term is not saved yet and that meanwhile fell back (a higher term, or its election timed
+    out into a pre-vote) still holds the vote requests of that term."""
+    raw = new_node(pre_vote=False, check_quorum=False)
+    raw.campaign()                                  # term 2, not saved
+    raw.step(Message(MT.VOTE, "a", "c", 3, log_term=1, index=BOOT))   # now a follower of 3
+    rd = raw.ready()
+    assert rd.hard_state is not None and rd.hard_state.term == 3
+    assert not [m for m in rd.messages if m.type is MT.VOTE]
+    assert sorted((m.type, m.to, m.term) for m in rd.persisted_messages
+                  if m.type is MT.VOTE) == [(MT.VOTE, "b", 2), (MT.VOTE, "c", 2)]
+
+    raw = new_node(election_tick=10, check_quorum=False)
+    rd = saving(raw)
+    while raw.role is not StateRole.PRE_CANDIDATE:
+        raw.tick()
+    for m in raw.take_messages():                   # pre-votes may leave: they change nothing
+        assert m.type is MT.PRE_VOTE
+        raw.step(Message(MT.PRE_VOTE_RESP, "a", m.to, m.term))
+    assert raw.role is StateRole.CANDIDATE
+    while raw.role is not StateRole.PRE_CANDIDATE:  # its election times out during the save
+        raw.tick()
+    assert [m.type for m in raw.take_messages() if m.type is not MT.PRE_VOTE] == []
+    raw.advance(rd)
+    assert not [m for m in raw.ready().messages if m.type is MT.VOTE]
+
+
+def test_a_leader_that_steps_down_before_its_term_is_saved_sends_none_of_its_appends():
+    """A leader of an unsaved term (won on late grants) that check-quorum deposes before the
+    save: its appends of that term still wait for the save."""
+    raw = new_node(election_tick=10, pre_vote=False)
+    rd = saving(raw)
+    raw.campaign()                                  # term 2, during the save
+    for frm in ("b", "c"):
+        raw.step(Message(MT.VOTE_RESP, "a", frm, 2))
+    assert raw.role is StateRole.LEADER
+    for _ in range(25):
+        raw.tick()
+    assert raw.role is not StateRole.LEADER
+    assert not [m for m in raw.take_messages() if m.type in (MT.APPEND, MT.HEARTBEAT)]
+    raw.advance(rd)
+
+
+def test_a_follower_answers_heartbeats_while_its_new_term_is_saved():
+    """Answers are not held: a follower that learned a new term from its leader still
+    confirms the leader's heartbeats while the Ready with that term is being saved (or a
+    leader's snapshot decoded), or check-quorum could depose a healthy leader."""
+    raw = new_node(check_quorum=False)
+    raw.step(Message(MT.HEARTBEAT, "a", "b", 2, commit=BOOT))
+    rd = raw.ready()
+    assert rd.hard_state is not None and rd.hard_state.term == 2
+    assert [m.type for m in rd.messages] == [MT.HEARTBEAT_RESP]
+    raw.step(Message(MT.HEARTBEAT, "a", "b", 2, commit=BOOT))
+    assert [m.type for m in raw.take_messages()] == [MT.HEARTBEAT_RESP]
+    raw.advance(rd)
 
 
 def test_candidate_falls_back_on_leader_of_its_term():
