@@ -60,7 +60,7 @@ class Ready:
             install into the state machine before applying ``committed_entries``.
         entries: to append durably, replacing stored entries from ``entries[0].index`` on.
         messages: may be sent at once (never what a candidate or leader says in a term whose
-            vote is in ``hard_state``: module docstring).
+            vote for itself is not yet durable: module docstring).
         persisted_messages: may be sent only after the above is durable.
         committed_entries: to apply in order, after persisting. Configuration-change entries
             are already reflected in the kernel's configuration; the driver only skips them.

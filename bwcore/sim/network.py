@@ -82,6 +82,7 @@ class SimNode:
         self.commit_seen = 0
         self.voters_before: frozenset[str] = frozenset()
         self.in_flight: Ready | None = None
+        self.in_flight_prev_term = 0   # the term before the in-flight Ready's first entry
         self.start()
 
     @property
@@ -129,9 +130,9 @@ class SimNode:
                 # Only commits this leader decides are checked against its quorum below.
                 self.commit_seen = max(self.commit_seen, raw.commit_index)
             if rd.entries:
-                first = rd.entries[0].index
-                prev = raw.term_at(first - 1)
-                self.net.checker.on_persist(self.id, rd.entries, prev if prev is not None else 0)
+                # Checked once saved (finish_persist), with the term of the entry before them as now.
+                prev = raw.term_at(rd.entries[0].index - 1)
+                self.in_flight_prev_term = prev if prev is not None else 0
             for m in rd.messages:
                 self.net.send(m)
             self.in_flight = rd
@@ -146,6 +147,10 @@ class SimNode:
         self.in_flight = None
         net, chk = self.net, self.net.checker
         self.storage.save(rd)
+        if rd.entries:
+            # Only what storage holds counts: a Ready lost in a crash never existed anywhere
+            # but in the messages it sent, and their receivers' saves are checked in turn.
+            chk.on_persist(self.id, rd.entries, self.in_flight_prev_term)
         for m in rd.persisted_messages:
             net.send(m)
         if rd.snapshot is not None:

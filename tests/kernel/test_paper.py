@@ -188,7 +188,10 @@ def test_what_a_candidate_said_in_an_unsaved_term_waits_whatever_it_is_now():
         raw.tick()
     assert [m.type for m in raw.take_messages() if m.type is not MT.PRE_VOTE] == []
     raw.advance(rd)
-    assert not [m for m in raw.ready().messages if m.type is MT.VOTE]
+    rd = raw.ready()                                # the Ready that saves term 2 at last
+    assert not [m for m in rd.messages if m.type is MT.VOTE]
+    assert {(m.to, m.term) for m in rd.persisted_messages if m.type is MT.VOTE} \
+        == {("b", 2), ("c", 2)}
 
 
 def test_a_leader_that_steps_down_before_its_term_is_saved_sends_none_of_its_appends():
@@ -205,6 +208,10 @@ def test_a_leader_that_steps_down_before_its_term_is_saved_sends_none_of_its_app
     assert raw.role is not StateRole.LEADER
     assert not [m for m in raw.take_messages() if m.type in (MT.APPEND, MT.HEARTBEAT)]
     raw.advance(rd)
+    rd = raw.ready()                                # they leave once term 2 is saved
+    assert not [m for m in rd.messages if m.type is MT.APPEND and m.term == 2]
+    assert {m.to for m in rd.persisted_messages if m.type is MT.APPEND and m.term == 2} \
+        == {"b", "c"}
 
 
 def test_a_follower_answers_heartbeats_while_its_new_term_is_saved():
