@@ -130,7 +130,7 @@ class SimNode:
                 # Only commits this leader decides are checked against its quorum below.
                 self.commit_seen = max(self.commit_seen, raw.commit_index)
             if rd.entries:
-                # Checked once saved (finish_persist), with the term of the entry before them as now.
+                # Checked once saved (finish_persist), with the term before them as it is now.
                 prev = raw.term_at(rd.entries[0].index - 1)
                 self.in_flight_prev_term = prev if prev is not None else 0
             for m in rd.messages:
