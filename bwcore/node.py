@@ -1195,14 +1195,23 @@ class RaftNode(MultiService):
     def _expire_proposals(self) -> None:
         self._deadline_call = None
         now = self.reactor.seconds()
-        deadlines = self._deadlines
+        # The answered proposals go all at once, not one by one at their own deadlines: the
+        # timer is then armed for the oldest unanswered one, and under a steady load wakes
+        # about once per timeout instead of after every batch of proposals.
+        deadlines = [item for item in self._deadlines if not item[3].deferred.called]
+        heapq.heapify(deadlines)
+        self._deadlines = deadlines
         while deadlines and deadlines[0][0] <= now:
             _, _, timeout, proposal = heapq.heappop(deadlines)
-            if proposal.deferred.called:  # answered in time; left in the heap until now
-                continue
             self._forget_pending(proposal)
             self.metrics.proposal_failures.labels("timeout").inc()
             _fire(proposal.deferred, Unavailable(f"proposal timed out after {timeout:g}s"))
+        # A caller told of its timeout may have proposed again (and armed the timer for its
+        # own deadline), or the node may have failed every waiter: arm for what is left.
+        call, self._deadline_call = self._deadline_call, None
+        if call is not None and call.active():
+            call.cancel()
+        deadlines = self._deadlines
         if deadlines:
             self._deadline_call = self.reactor.callLater(max(0.0, deadlines[0][0] - now),
                                                          self._expire_proposals)

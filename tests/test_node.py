@@ -691,6 +691,36 @@ def test_proposal_deadlines_share_one_timer_and_expire_in_order() -> None:
         "bwraft_proposal_failures_total", {"reason": "timeout"}) == 101
 
 
+def test_answered_proposals_do_not_wake_the_deadline_timer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a steady stream of proposals answered in time, the deadline timer wakes about
+    once per timeout, not once per proposal; a proposal left unanswered still fails on time."""
+    h = make_harness()
+    elect_single(h)
+    wakeups = 0
+    expire = h.node._expire_proposals
+
+    def counted() -> None:
+        nonlocal wakeups
+        wakeups += 1
+        expire()
+
+    monkeypatch.setattr(h.node, "_expire_proposals", counted)
+    for i in range(100):   # one proposal every 100 ms for 10 s, each answered at once
+        d = h.propose(b"k%d=v" % i, timeout=1.0)
+        h.settle()
+        assert resolved(d)["key"] == f"k{i}"
+        h.clock.advance(0.1)
+    assert wakeups <= 11   # one per second of proposals, at most
+    h.writer.blocked = True   # no save completes: the next proposal is never answered
+    stuck = h.propose(b"stuck=1", timeout=1.0)
+    h.clock.advance(0.99)
+    assert not stuck.called
+    h.clock.advance(0.02)
+    with pytest.raises(Unavailable, match="proposal timed out after 1s"):
+        resolved(stuck)
+
+
 def test_proposal_overwritten_by_a_new_leader_fails() -> None:
     """An index proposed in term t that applies with another term was lost (Raft §5.3)."""
     h = make_harness(("n1", "n2", "n3"))
