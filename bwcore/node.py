@@ -1195,14 +1195,19 @@ class RaftNode(MultiService):
     def _expire_proposals(self) -> None:
         self._deadline_call = None
         now = self.reactor.seconds()
-        # The answered proposals go all at once, not one by one at their own deadlines: the
-        # timer is then armed for the oldest unanswered one, and under a steady load wakes
-        # about once per timeout instead of after every batch of proposals.
-        deadlines = [item for item in self._deadlines if not item[3].deferred.called]
-        heapq.heapify(deadlines)
-        self._deadlines = deadlines
+        deadlines = self._deadlines
+        if deadlines and deadlines[0][3].deferred.called:
+            # The answered proposals go all at once, not one by one at their own deadlines:
+            # the timer is then armed for the oldest unanswered one, and under a steady load
+            # wakes about once per timeout instead of after every batch of proposals. (With
+            # nothing answered, as when no quorum answers, there is nothing to drop.)
+            deadlines = [item for item in deadlines if not item[3].deferred.called]
+            heapq.heapify(deadlines)
+            self._deadlines = deadlines
         while deadlines and deadlines[0][0] <= now:
             _, _, timeout, proposal = heapq.heappop(deadlines)
+            if proposal.deferred.called:  # answered, and kept above because the oldest was not
+                continue
             self._forget_pending(proposal)
             self.metrics.proposal_failures.labels("timeout").inc()
             _fire(proposal.deferred, Unavailable(f"proposal timed out after {timeout:g}s"))
