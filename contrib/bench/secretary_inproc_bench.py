@@ -65,10 +65,11 @@ WAIT_S = 60.0
 PACE_S = 0.005          # with --rate: how often writes are submitted
 MAX_IN_FLIGHT = 1000    # with --rate: writes beyond this many in flight are skipped
 #: Entries saved, saves, Readies, secretary reports: how much each round of work carries (CPU
-#: per write depends on it); and take-backs, each of which sends a while directly.
+#: per write depends on it); take-backs, each of which sends a while directly; and messages
+#: the leader's send queues dropped (a peer too slow to read), which it may send again.
 BATCHING = ("bwraft_storage_save_entries_sum", "bwraft_storage_save_entries_count",
             "bwraft_readies_total", "bwraft_secretary_leader_reports_total",
-            "bwraft_secretary_takebacks_total")
+            "bwraft_secretary_takebacks_total", "bwraft_transport_dropped_messages_total")
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Result:
     readies_per_write: float
     reports_per_write: float
     takebacks: int
+    #: Messages dropped from the leader's send queues.
+    dropped: int
     #: How busy the CPUs other than the leader's were (%), where the other nodes run.
     others_busy: int | None = None
 
@@ -246,13 +249,13 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
             others = busy_percent(times0, times1, set(times1) - {args.leader_cpu})
         committed = max(1, node.kernel.commit_index - commit0)
         sent = sample(node, "bwraft_transport_sent_bytes_total") - sent0
-        saved, saves, readies, reports, takebacks = (sample(node, name) - c0
-                                                     for name, c0 in zip(BATCHING, counts0))
+        saved, saves, readies, reports, takebacks, dropped = (
+            sample(node, name) - c0 for name, c0 in zip(BATCHING, counts0))
         return Result(followers, with_secretary, writes,
                       round(cpu / max(1, writes) * 10_000, 2), round(writes / seconds, 1),
                       round(sent / committed, 1), round(saved / max(1, saves), 1),
                       round(readies / max(1, writes), 2), round(reports / max(1, writes), 3),
-                      int(takebacks), others)
+                      int(takebacks), int(dropped), others)
     finally:
         try:
             if node is not None:
@@ -310,14 +313,16 @@ def main() -> int:
 def table(runs: list[Result]) -> str:
     """Medians per cluster; "change" is the median over repeats of each secretary run's leader
     CPU against the direct run of the same repeat (the pair ran back to back, so the machine's
-    drift between repeats cancels out), with the lowest and highest pair in brackets; "other
+    drift between repeats cancels out), with the lowest and highest pair in brackets;
+    "dropped" is how many messages the leader's send queues dropped, all runs together; "other
     CPUs busy" (with ``--leader-cpu``) is how busy the CPUs of the other nodes were."""
     groups: dict[tuple[int, bool], list[Result]] = {}
     for r in runs:
         groups.setdefault((r.followers, r.secretary), []).append(r)
     rows = ["| N east | secretary | leader CPU s/10k writes | change (paired) | writes/s "
-            "| bytes/entry | entries/save | reports/write | take-backs | other CPUs busy |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| bytes/entry | entries/save | reports/write | take-backs | dropped "
+            "| other CPUs busy |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (n, sec), rs in sorted(groups.items()):
         med = {f: statistics.median(getattr(r, f) for r in rs)
                for f in ("cpu_per_10k_writes", "writes_per_second", "bytes_per_entry",
@@ -335,6 +340,7 @@ def table(runs: list[Result]) -> str:
                     f"{med['writes_per_second']:.0f} | "
                     f"{med['bytes_per_entry']:,.0f} | {med['entries_per_save']:.1f} | "
                     f"{med['reports_per_write']:.2f} | {sum(r.takebacks for r in rs)} | "
+                    f"{sum(r.dropped for r in rs)} | "
                     + (f"{min(busy)}-{max(busy)}% |" if busy else "|"))
     return "\n".join(rows)
 
