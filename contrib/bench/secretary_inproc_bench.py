@@ -6,7 +6,9 @@ SQLite, ``synchronous=FULL``),
 but the leader runs in this process and proposals are submitted with ``RaftNode.propose``,
 ``--window`` in flight, for ``--seconds``: the leader's CPU is then what proposing, saving,
 applying and replicating cost, without HTTP. The other nodes are ``twistd`` processes whose
-election timeout is five times longer, so that this process's node leads.
+election timeout is five times longer, so that this process's node leads. Each run starts
+measuring (after a one-second warm-up) only once every voter has acknowledged the leader's whole
+log, so that no follower's start-up catch-up falls into the measured window.
 
 Usage::
 
@@ -166,6 +168,13 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
             kernel = node.kernel
             leading = kernel is not None and kernel.role is StateRole.LEADER \
                 and kernel.commit_index >= kernel.last_index
+            if leading:
+                # Every voter connected and caught up: else a follower that started late
+                # catches up inside the measured window (its backlog, and the re-sends after
+                # its refusals), which costs the leader CPU and bytes that are not per write.
+                status = kernel.status()
+                leading = all(status["progress"][v]["match"] >= status["last_index"]
+                              for v in status["voters"] if v != LEADER)
             hired = not with_secretary or (node.status().get("secretaries") or {}).get(
                 "assignment") == {"sec1": east}
             if leading and hired:
