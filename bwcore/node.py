@@ -1183,8 +1183,7 @@ class RaftNode(MultiService):
         if len(deadlines) > 4096 and \
                 len(deadlines) > 2 * (len(self._proposals) + len(self._pending)):
             # Mostly answered proposals: drop them now rather than at their deadlines.
-            deadlines[:] = [item for item in deadlines if not item[3].deferred.called]
-            heapq.heapify(deadlines)
+            self._drop_answered_deadlines()
         call = self._deadline_call
         if call is not None and call.active() and call.getTime() <= when:
             return  # the timer fires first for an earlier deadline and re-arms itself
@@ -1201,9 +1200,7 @@ class RaftNode(MultiService):
             # the timer is then armed for the oldest unanswered one, and under a steady load
             # wakes about once per timeout instead of after every batch of proposals. (With
             # nothing answered, as when no quorum answers, there is nothing to drop.)
-            deadlines = [item for item in deadlines if not item[3].deferred.called]
-            heapq.heapify(deadlines)
-            self._deadlines = deadlines
+            deadlines = self._drop_answered_deadlines()
         while deadlines and deadlines[0][0] <= now:
             _, _, timeout, proposal = heapq.heappop(deadlines)
             if proposal.deferred.called:  # answered, and kept above because the oldest was not
@@ -1220,6 +1217,13 @@ class RaftNode(MultiService):
         if deadlines:
             self._deadline_call = self.reactor.callLater(max(0.0, deadlines[0][0] - now),
                                                          self._expire_proposals)
+
+    def _drop_answered_deadlines(self) -> list[tuple[float, int, float, _Proposal]]:
+        """Keep only the deadlines of unanswered proposals (in place); return them."""
+        deadlines = self._deadlines
+        deadlines[:] = [item for item in deadlines if not item[3].deferred.called]
+        heapq.heapify(deadlines)
+        return deadlines
 
     def _forget_pending(self, proposal: _Proposal) -> None:
         """A proposal timed out: drop it from the batch, or stop waiting for its entry."""
