@@ -1,4 +1,5 @@
-"""Pieces the benchmark scripts share: CPU accounting from /proc and local clusters.
+"""Pieces the benchmark scripts share: CPU accounting from /proc, local clusters, and when a
+cluster is ready to be measured.
 
 The scripts run as ``python contrib/bench/<script>.py``, so this folder is on ``sys.path``.
 """
@@ -27,6 +28,16 @@ def children_cpu_seconds() -> float:
     """CPU seconds of this process's waited-for children (wrk runs), user + system."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+def every_voter_caught_up(leader_status: dict) -> bool:
+    """Whether every voter has acknowledged the leader's whole log, from a leader's status (the
+    kernel's, or ``GET /v1/status``): a benchmark that starts measuring before that charges a
+    late follower's catch-up to the writes it measures."""
+    progress = leader_status.get("progress") or {}
+    return leader_status.get("role") == "leader" and all(
+        progress.get(v, {}).get("match", 0) >= leader_status.get("last_index", 0)
+        for v in leader_status.get("voters", ()) if v != leader_status.get("id"))
 
 
 def start_cluster(folder: Path, tick_ms: int, *, observers: int = 0

@@ -51,7 +51,7 @@ from pathlib import Path
 from bwcore import cluster as local
 from bwcore.codec import Hello, encode_frame
 from bwcore.kernel import Message, MessageType
-from benchlib import children_cpu_seconds, process_cpu_seconds
+from benchlib import children_cpu_seconds, every_voter_caught_up, process_cpu_seconds
 from http_bench import LUA, parse_wrk
 
 LEADER = "n1"
@@ -95,15 +95,6 @@ def scrape(cluster: local.Cluster, node_id: str) -> dict[str, float]:
             base = name.split("{", 1)[0]
             out[base] = out.get(base, 0.0) + float(value)
     return out
-
-
-def caught_up(leader_status: dict) -> bool:
-    """Whether every voter has acknowledged the leader's whole log."""
-    progress = leader_status.get("progress") or {}
-    last = leader_status.get("last_index", 0)
-    return leader_status.get("role") == "leader" and all(
-        progress.get(v, {}).get("match", 0) >= last
-        for v in leader_status.get("voters", ()) if v != leader_status.get("id"))
 
 
 def wait(condition, timeout: float, what: str):
@@ -171,9 +162,8 @@ def run(base: Path, followers: int, with_secretary: bool, args: argparse.Namespa
         if with_secretary:
             wait(lambda: (status(cluster, LEADER).get("secretaries") or {}).get("assignment")
                  == {"sec1": east}, WAIT_S, "the secretary to be hired")
-        # Every voter caught up: else a follower that started late catches up inside the
-        # measured window, which costs the leader CPU and bytes that are not per write.
-        wait(lambda: caught_up(status(cluster, LEADER)), WAIT_S, "every voter to catch up")
+        wait(lambda: every_voter_caught_up(status(cluster, LEADER)), WAIT_S,
+             "every voter to catch up")
         api = cluster.nodes[LEADER].api
         drive(api, 1.0, args)   # warm-up
         pid = cluster.processes[LEADER].pid

@@ -55,13 +55,12 @@ from twisted.internet.defer import Deferred
 from bwcore import cluster as local
 from bwcore.config import load_config
 from bwcore.errors import Unavailable
-from bwcore.kernel import StateRole
 from bwcore.logs import configure_logging
 from bwcore.node import RaftNode
 from bwcore.plugins import PluginHost
 from bwcore.tap import tune_gc
 from bwraft_plugins.kv import encode_command
-from benchlib import own_cpu_seconds
+from benchlib import every_voter_caught_up, own_cpu_seconds
 
 LEADER = "n1"
 SLOWER = 5   # the other nodes' election timeout, in multiples of the leader's
@@ -170,15 +169,11 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
                       if i.role == "voter" and n not in west)
         while True:
             kernel = node.kernel
-            leading = kernel is not None and kernel.role is StateRole.LEADER \
-                and kernel.commit_index >= kernel.last_index
-            if leading:
-                # Every voter connected and caught up: else a follower that started late
-                # catches up inside the measured window (its backlog, and the re-sends after
-                # its refusals), which costs the leader CPU and bytes that are not per write.
-                status = kernel.status()
-                leading = all(status["progress"][v]["match"] >= status["last_index"]
-                              for v in status["voters"] if v != LEADER)
+            # Committed, and every voter connected and caught up: else a follower that started
+            # late catches up inside the measured window (its backlog, and the re-sends after
+            # its refusals), which costs the leader CPU and bytes that are not per write.
+            leading = kernel is not None and kernel.commit_index >= kernel.last_index \
+                and every_voter_caught_up(kernel.status())
             hired = not with_secretary or (node.status().get("secretaries") or {}).get(
                 "assignment") == {"sec1": east}
             if leading and hired:
