@@ -252,6 +252,9 @@ class _PeerLink:
         self.failures = 0
         self.connected_at = 0.0
         self.closed = False
+        # This peer's counters, looked up once: flush() runs for every write to the socket.
+        self._sent_bytes = owner.metrics.sent_bytes.labels(peer_id)
+        self._sent_messages = owner.metrics.sent_messages.labels(peer_id)
 
     def enqueue(self, frame: bytes, kernel: bool) -> None:
         dropped = self.queue.append(frame, kernel)
@@ -345,9 +348,9 @@ class _PeerLink:
             data = b"".join(extra + frames)
             extra = []
             protocol.transport.write(data)  # may call pauseProducing before returning
-            self.owner.metrics.sent_bytes.labels(self.peer_id).inc(len(data))
+            self._sent_bytes.inc(len(data))
             if frames:
-                self.owner.metrics.sent_messages.labels(self.peer_id).inc(len(frames))
+                self._sent_messages.inc(len(frames))
 
     def close(self) -> _OutboundProtocol | None:
         """Stop for good: cancel timers and attempts, hand TCP what is queued, then close.
