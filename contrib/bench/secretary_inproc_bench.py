@@ -28,7 +28,8 @@ With ``--repeat``, each repeat is a pair (direct, with a secretary), and every o
 the secretary cluster first. Prints one JSON line per run and a Markdown table of the medians.
 The leader's CPU is this process's (user + system), per 10,000 acknowledged writes, and
 separately the reactor thread's (the rest is mostly the storage writer thread: SQLite and its
-fsyncs, the same work with and without a secretary); with
+fsyncs, the same work with and without a secretary), and how many times per write the reactor
+went round its loop (each wake-up costs a poll and a pass over the timers); with
 ``--leader-cpu``, each run also records how busy the other CPUs were (if they are saturated,
 the followers answer late and in bunches, and the leader's CPU per write swings from run to
 run). Benchmarks assert nothing.
@@ -87,6 +88,8 @@ class Result:
     bytes_per_entry: float
     entries_per_save: float
     readies_per_write: float
+    #: Reactor loop iterations (each one poll of its sockets and timers).
+    iterations_per_write: float
     reports_per_write: float
     takebacks: int
     #: Messages dropped from the leader's send queues.
@@ -131,6 +134,25 @@ def busy_percent(before: dict[int, tuple[int, int]], after: dict[int, tuple[int,
 def sample(node: RaftNode, name: str) -> float:
     """The sum of a metric's samples in the in-process node's registry."""
     return sum(s.value for m in node.registry.collect() for s in m.samples if s.name == name)
+
+
+@contextlib.contextmanager
+def counting_iterations(reactor: Any) -> Iterator[list[int]]:
+    """Count the reactor's loop iterations inside the block (``[count]``): how often the leader
+    wakes up, each time paying for a poll and a pass over its timers. Wraps ``doIteration`` on
+    the reactor instance for the while; a count costs well under a microsecond."""
+    count = [0]
+    iterate = reactor.doIteration
+
+    def counted(delay: float | None) -> None:
+        count[0] += 1
+        iterate(delay)
+
+    reactor.doIteration = counted
+    try:
+        yield count
+    finally:
+        del reactor.doIteration   # the reactor's own method again
 
 
 async def pause(reactor: Any, seconds: float) -> None:
@@ -249,7 +271,8 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
         reactor0 = time.thread_time()   # this thread runs the reactor
         counts0 = [sample(node, name) for name in BATCHING]
         commit0, started = node.kernel.commit_index, time.perf_counter()
-        writes = await drive(args.seconds)
+        with counting_iterations(reactor) as iterations:
+            writes = await drive(args.seconds)
         seconds = time.perf_counter() - started
         cpu = own_cpu_seconds() - cpu0
         reactor = time.thread_time() - reactor0
@@ -265,7 +288,9 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
                       round(cpu / max(1, writes) * 10_000, 2),
                       round(reactor / max(1, writes) * 10_000, 2), round(writes / seconds, 1),
                       round(sent / committed, 1), round(saved / max(1, saves), 1),
-                      round(readies / max(1, writes), 2), round(reports / max(1, writes), 3),
+                      round(readies / max(1, writes), 2),
+                      round(iterations[0] / max(1, writes), 2),
+                      round(reports / max(1, writes), 3),
                       int(takebacks), int(dropped), others)
     finally:
         try:
@@ -331,14 +356,14 @@ def table(runs: list[Result]) -> str:
     for r in runs:
         groups.setdefault((r.followers, r.secretary), []).append(r)
     rows = ["| N east | secretary | leader CPU s/10k writes | of which reactor thread "
-            "| change (paired) | writes/s | bytes/entry | entries/save | reports/write "
-            "| take-backs | dropped | other CPUs busy |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| change (paired) | writes/s | bytes/entry | entries/save | reactor iterations/write "
+            "| reports/write | take-backs | dropped | other CPUs busy |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (n, sec), rs in sorted(groups.items()):
         med = {f: statistics.median(getattr(r, f) for r in rs)
                for f in ("cpu_per_10k_writes", "reactor_cpu_per_10k_writes",
                          "writes_per_second", "bytes_per_entry",
-                         "entries_per_save", "reports_per_write")}
+                         "entries_per_save", "iterations_per_write", "reports_per_write")}
         busy = [r.others_busy for r in rs if r.others_busy is not None]
         change = ""
         if sec:
@@ -352,6 +377,7 @@ def table(runs: list[Result]) -> str:
                     f"{med['reactor_cpu_per_10k_writes']:.2f} | {change} | "
                     f"{med['writes_per_second']:.0f} | "
                     f"{med['bytes_per_entry']:,.0f} | {med['entries_per_save']:.1f} | "
+                    f"{med['iterations_per_write']:.2f} | "
                     f"{med['reports_per_write']:.2f} | {sum(r.takebacks for r in rs)} | "
                     f"{sum(r.dropped for r in rs)} | "
                     + (f"{min(busy)}-{max(busy)}% |" if busy else "|"))
