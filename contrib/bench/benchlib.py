@@ -6,8 +6,10 @@ The scripts run as ``python contrib/bench/<script>.py``, so this folder is on ``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 from bwcore import cluster as local
@@ -17,6 +19,43 @@ def process_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a live process, from /proc/<pid>/stat (fields 14, 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def pinned(leader_cpu: int | None, *, leader: bool) -> Iterator[None]:
+    """With a ``--leader-cpu``: processes started inside run on that CPU alone (``leader``) or
+    on every CPU but that one (a child inherits the starting thread's CPUs); this thread's
+    CPUs are restored afterwards. Without one (None), nothing changes."""
+    if leader_cpu is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    everyone = set(range(os.cpu_count() or 1))
+    os.sched_setaffinity(0, {leader_cpu} if leader else everyone - {leader_cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def cpu_times() -> dict[int, tuple[int, int]]:
+    """CPU number -> (all, idle + iowait) jiffies since boot, from /proc/stat."""
+    out = {}
+    with open("/proc/stat", encoding="ascii") as f:
+        for line in f:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                ticks = [int(x) for x in fields[:8]]
+                out[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
+    return out
+
+
+def busy_percent(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
+                 cpus: set[int]) -> int:
+    """How busy ``cpus`` were (%) between two :func:`cpu_times` readings."""
+    total = sum(after[c][0] - before[c][0] for c in cpus)
+    idle = sum(after[c][1] - before[c][1] for c in cpus)
+    return round(100 * (total - idle) / max(1, total))
 
 
 def own_cpu_seconds() -> float:

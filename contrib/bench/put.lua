@@ -2,6 +2,12 @@
 --
 --   VALUE_BYTES=100 KEYS=10000 wrk -t1 -c64 -d10s -s contrib/bench/put.lua http://127.0.0.1:8001
 --
+-- RATE (writes per second for each wrk thread; default 0: each connection sends its next write
+-- as soon as the last is answered) paces the writes to a schedule instead: a connection whose
+-- answer came waits for the next free slot. Slots missed because every connection was waiting
+-- for an answer are skipped, not made up later. The connections must be enough to carry the
+-- rate: more than RATE x latency.
+--
 -- Every request carries a fresh request_id (as the Python client sends), so the KV state
 -- machine's exactly-once table is exercised like in production. At the end the script prints
 -- one JSON line: the count of answers by HTTP status (wrk itself only counts >= 400 as errors,
@@ -9,6 +15,7 @@
 
 local value = string.rep("v", tonumber(os.getenv("VALUE_BYTES") or "100"))
 local keys = tonumber(os.getenv("KEYS") or "10000")
+local rate = tonumber(os.getenv("RATE") or "0")
 local threads = {}
 local counter = 0
 local prefix = ""
@@ -33,6 +40,29 @@ function request()
    counter = counter + 1
    local body = '{"value":"' .. value .. '","request_id":"' .. prefix .. "-" .. counter .. '"}'
    return wrk.format(nil, "/v1/kv/k" .. (counter % keys), nil, body)
+end
+
+if rate > 0 then
+   -- wrk asks delay() for the milliseconds to wait before each request of a connection.
+   local ffi = require("ffi")
+   ffi.cdef[[
+      typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+      int clock_gettime(int clock, bench_timespec *now);
+   ]]
+   local CLOCK_MONOTONIC = 1
+   local now = ffi.new("bench_timespec")
+   local due = nil   -- the next free slot, in seconds on the monotonic clock
+
+   function delay()
+      ffi.C.clock_gettime(CLOCK_MONOTONIC, now)
+      local t = tonumber(now.tv_sec) + tonumber(now.tv_nsec) * 1e-9
+      if due == nil or due < t - 0.1 then
+         due = t   -- start, or fell behind: skip the missed slots rather than burst
+      end
+      local wait = due - t
+      due = due + 1 / rate
+      return math.max(0, math.floor(wait * 1000))
+   end
 end
 
 function response(status, headers, body)

@@ -61,7 +61,7 @@ from bwcore.node import RaftNode
 from bwcore.plugins import PluginHost
 from bwcore.tap import tune_gc
 from bwraft_plugins.kv import encode_command
-from benchlib import every_voter_caught_up, own_cpu_seconds
+from benchlib import busy_percent, cpu_times, every_voter_caught_up, own_cpu_seconds, pinned
 
 LEADER = "n1"
 SLOWER = 5   # the other nodes' election timeout, in multiples of the leader's
@@ -96,39 +96,6 @@ class Result:
     dropped: int
     #: How busy the CPUs other than the leader's were (%), where the other nodes run.
     others_busy: int | None = None
-
-
-@contextlib.contextmanager
-def other_cpus(leader_cpu: int | None) -> Iterator[None]:
-    """With ``--leader-cpu``: processes started inside run on every CPU but the leader's
-    (a child inherits the starting thread's CPUs); this thread stays on the leader's."""
-    if leader_cpu is None:
-        yield
-        return
-    os.sched_setaffinity(0, set(range(os.cpu_count() or 1)) - {leader_cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, {leader_cpu})
-
-
-def cpu_times() -> dict[int, tuple[int, int]]:
-    """CPU number -> (all, idle + iowait) jiffies since boot, from /proc/stat."""
-    out = {}
-    with open("/proc/stat", encoding="ascii") as f:
-        for line in f:
-            name, *fields = line.split()
-            if name.startswith("cpu") and name[3:].isdigit():
-                ticks = [int(x) for x in fields[:8]]
-                out[int(name[3:])] = (sum(ticks), ticks[3] + ticks[4])
-    return out
-
-
-def busy_percent(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]],
-                 cpus: set[int]) -> int:
-    total = sum(after[c][0] - before[c][0] for c in cpus)
-    idle = sum(after[c][1] - before[c][1] for c in cpus)
-    return round(100 * (total - idle) / max(1, total))
 
 
 def sample(node: RaftNode, name: str) -> float:
@@ -180,7 +147,7 @@ async def one_run(reactor: Any, base: Path, followers: int, with_secretary: bool
             # Top-level keys come before any table in TOML, so a first line is enough.
             info.config.write_text(f"election_ticks = {10 * SLOWER}\n"
                                    + info.config.read_text(encoding="utf-8"), encoding="utf-8")
-            with other_cpus(args.leader_cpu):
+            with pinned(args.leader_cpu, leader=False):
                 local.start_node(cluster, node_id)
         config = load_config(cluster.nodes[LEADER].config)
         node = RaftNode(config, PluginHost.from_config(config), reactor)
