@@ -233,8 +233,12 @@ class SecretaryPlugin:
     def bwraft_node_stopping(self, node: Any) -> None:
         if self._checker is not None and self._checker.running:
             self._checker.stop()
+        self._cancel_held_call()
+
+    def _cancel_held_call(self) -> None:
         if self._held_call is not None and self._held_call.active():
             self._held_call.cancel()
+        self._held_call = None
 
     # -- leader and follower sides -----------------------------------------------------------
 
@@ -263,7 +267,11 @@ class SecretaryPlugin:
             assert self.leader is not None
             self._send_batches(node, self.leader.route(messages, now), now)
             held_until = self.leader.held_until
-            if held_until is not None and self._held_call is None:
+            if held_until is None:
+                # A batch took the held notices along: under load that is every round, and a
+                # timer left to fire would cost the leader a wake-up for nothing each time.
+                self._cancel_held_call()
+            elif self._held_call is None:
                 self._held_call = node.reactor.callLater(max(0.0, held_until - now),
                                                          self._flush_held)
         if self.follower is not None:

@@ -273,6 +273,30 @@ def test_commit_notice_leaves_alone_after_commit_delay_unless_a_batch_takes_it_f
         leader.registry).decode()
 
 
+def held_notice_timers(clock: task.Clock) -> list[Any]:
+    return [call for call in clock.getDelayedCalls()
+            if getattr(call.func, "__name__", "") == "_flush_held"]
+
+
+def test_a_batch_that_takes_the_held_notices_along_cancels_their_timer():
+    """Under load every held notice rides the next batch; a timer left behind would wake the
+    leader for nothing once per round."""
+    net, leader, follower, secretary = cluster({"commit_delay_ms": 3.0})
+    notice = Message(MT.APPEND, "F1", "L", TERM, log_term=TERM, index=6, commit=6)
+    leader.route([notice])
+    assert len(held_notice_timers(net.clock)) == 1
+    newer = Message(MT.APPEND, "F1", "L", TERM, log_term=TERM, index=6, commit=6,
+                    entries=(Entry(TERM, 7, b"y"),))
+    leader.route([newer])                      # replaces the notice: nothing is held now
+    assert held_notice_timers(net.clock) == []
+    leader.route([Message(MT.APPEND, "F1", "L", TERM, log_term=TERM, index=7, commit=7)])
+    assert len(held_notice_timers(net.clock)) == 1   # the next hold gets a timer of its own
+    net.clock.advance(0.0035)
+    net.deliver()
+    assert held_notice_timers(net.clock) == []
+    assert follower.stepped[-1].commit == 7
+
+
 def test_dead_secretary_is_taken_back_by_the_deadline_timer():
     """No report within the deadline (30% of the 1 s election timeout): the leader probes the
     follower again and tells it to answer directly."""
