@@ -5,8 +5,8 @@
 -- RATE (writes per second for each wrk thread; default 0: each connection sends its next write
 -- as soon as the last is answered) paces the writes to a schedule instead: a connection whose
 -- answer came waits for the next free slot. Slots missed because every connection was waiting
--- for an answer are skipped, not made up later. The connections must be enough to carry the
--- rate: more than RATE x latency.
+-- for an answer are made up at once while the schedule is less than 100 ms behind, and skipped
+-- beyond that. The connections must be enough to carry the rate: more than RATE x latency.
 --
 -- Every request carries a fresh request_id (as the Python client sends), so the KV state
 -- machine's exactly-once table is exercised like in production. At the end the script prints

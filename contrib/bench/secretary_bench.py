@@ -25,8 +25,9 @@ Usage::
         [--rate 0] [--leader-cpu 0] [--local-followers 1] [--json FILE]
 
 ``--rate R`` paces wrk's writes to R per second (``put.lua``'s ``RATE``; slots missed because
-every connection is waiting are skipped), so that both clusters carry the same load instead of
-each running as fast as it can: CPU per write then compares the leader's work like with like.
+every connection is waiting are made up while under 100 ms behind, skipped beyond), so that both
+clusters carry the same load instead of each running as fast as it can: CPU per write then
+compares the leader's work like with like.
 ``--leader-cpu C`` runs the leader on CPU C alone and every other node on the other CPUs (wrk
 stays on ``--wrk-cpu``, which must not be C), as if the leader had a machine of its own.
 ``--local-followers 0`` leaves the leader alone in ``west`` (default 1: ``n2`` is there too), so
