@@ -55,9 +55,10 @@ class SecretaryService(Service):
     Reports leave when every follower of the batches in hand has answered, or as many as the
     leader needs to commit (the batch's hint) have answered with news (at the end of that
     reactor turn), or ``max_delay`` after the first unreported news at the latest; a batch
-    nobody has answered yet, and answers that are no news, are reported within the relay's
-    ``quiet_delay`` (``QUIET_FACTOR`` delays, at most a quarter of the reply deadline), so that
-    the leader hears from a live secretary well within its reply deadline.
+    nobody has answered yet, answers that are no news, and (when the hint settles it)
+    acknowledgements waiting for the hint are reported within the relay's ``quiet_delay``
+    (``QUIET_FACTOR`` delays, at most a quarter of the reply deadline), so that the leader hears
+    from a live secretary well within its reply deadline.
     """
 
     def __init__(self, node: Any, relay: SecretaryRelay) -> None:
@@ -300,6 +301,7 @@ class SecretaryPlugin:
         node = self.node
         if node is not None and self.leader is not None and self._leading(node):
             self._took_back(node, self.leader.check(node.reactor.seconds()))
+            self.leader.note_progress(node.kernel.status())
 
     def _took_back(self, node: Any, takebacks: Iterable[TakeBack]) -> None:
         """Followers of a secretary that is gone or late: probe them at once (the kernel

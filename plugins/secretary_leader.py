@@ -153,8 +153,13 @@ class LeaderRelay:
         self._silent: dict[str, int] = {}
         self._assignment: dict[str, str | None] = {}
         self._assignment_expires = float("inf")
-        #: secretary -> its report hint, for the assignment above.
-        self._hints: dict[str, int] = {}
+        #: secretary -> its report hint and whether the hint settles it, for the assignment
+        #: above.
+        self._hints: dict[str, tuple[int, bool]] = {}
+        #: Voters not to count on answering promptly (note_progress), and the commit index
+        #: at the last look.
+        self._lagging: frozenset[str] = frozenset()
+        self._commit_seen = 0
         self._pending_takebacks: list[TakeBack] = []
         #: follower -> its latest entry-less APPEND, waiting for the next batch (commit_delay).
         self._held: dict[str, Message] = {}
@@ -199,6 +204,7 @@ class LeaderRelay:
             # A new term: nothing of the old one carries over but what gossip told us, and
             # how each secretary behaved (benches).
             self.term = term
+            self._commit_seen = 0
             self._drop_held()
             self._served.clear()
             self._direct_until.clear()
@@ -407,7 +413,7 @@ class LeaderRelay:
             relayed_entries += len(m.entries)
         track.outstanding.append((self._seq, now))
         payload = wire.encode_batch(self._seq, self.term, self.node_id, msgs, addresses,
-                                    distinct, self._report_after(track.id, now))
+                                    distinct, *self._report_after(track.id, now))
         st = self.stats
         st.frames += 1
         st.relayed_messages += len(msgs)
@@ -415,24 +421,52 @@ class LeaderRelay:
         st.sent_entries += len(distinct)
         return payload
 
-    def _report_after(self, secretary: str, now: float) -> int:
-        """How many of the voters ``secretary`` serves should acknowledge before it reports:
-        the acknowledgements the leader needs from relayed voters to commit (if every voter
-        it replicates to directly answers), shared among the secretaries by how many voters
-        each serves; 0 when the direct voters are a quorum. A hint only: a secretary that
-        reports earlier or later changes no decision, only when the leader hears it."""
+    def _report_after(self, secretary: str, now: float) -> tuple[int, bool]:
+        """How many of the voters ``secretary`` serves should acknowledge before it reports,
+        and whether that is all the leader needs from it (the batch's ``report_after`` and
+        ``settles``).
+
+        The count is the acknowledgements the leader needs from relayed voters to commit if
+        every voter it replicates to directly, except those lagging, answers; it is shared
+        among the secretaries by how many voters each serves; 0 when the direct voters are a
+        quorum. It settles what the secretary must report at once only when no other
+        secretary shares it and the secretary serves voters alone (an observer's answer
+        counts for nothing). A hint only: a secretary that reports earlier or later changes
+        no decision, only when the leader hears it.
+        """
         if now >= self._assignment_expires:
             self._reset_assignment()   # as secretary_for would: a bench has ended
         hint = self._hints.get(secretary)
         if hint is None:
             voters = self.voter_addresses
-            by_secretary = [self.secretary_for(v, now) for v in voters]
-            relayed = sum(1 for s in by_secretary if s is not None)
-            served = by_secretary.count(secretary)
-            need = len(voters) // 2 + 1 - (len(voters) - relayed)
-            hint = -(-need * served // relayed) if need > 0 and served else 0   # ceil
+            by_secretary = {v: self.secretary_for(v, now) for v in voters}
+            relayed = sum(1 for s in by_secretary.values() if s is not None)
+            served = sum(1 for s in by_secretary.values() if s == secretary)
+            direct = sum(1 for v, s in by_secretary.items()
+                         if s is None and (v == self.node_id or v not in self._lagging))
+            need = len(voters) // 2 + 1 - direct
+            count = -(-need * served // relayed) if need > 0 and served else 0   # ceil
+            only_voters = not any(
+                self.secretary_for(e.id, now) == secretary for e in self.directory.values()
+                if e.id not in voters and e.role != SECRETARY_ROLE)
+            hint = (count, 0 < count and served == relayed and only_voters)
             self._hints[secretary] = hint
         return hint
+
+    def note_progress(self, status: Mapping[str, Any]) -> None:
+        """A look at the leader's kernel (``RawNode.status()``), now and then (the plugin's
+        deadline checks). A voter that lacks what was committed at the previous look, or that
+        the kernel has not heard from lately, is lagging: the report hints do not count on it
+        answering in time."""
+        progress = status.get("progress") or {}
+        before, self._commit_seen = self._commit_seen, status["commit_index"]
+        lagging = frozenset(
+            v for v in status["voters"] if v != self.node_id and (
+                v not in progress or not progress[v]["active"]
+                or progress[v]["match"] < before))
+        if lagging != self._lagging:
+            self._lagging = lagging
+            self._hints.clear()
 
     def send_failed(self, secretary: str, now: float) -> list[TakeBack]:
         """A BATCH frame could not even be queued for ``secretary``."""

@@ -86,6 +86,11 @@ class SecretaryRelay:
         #: needs to commit (its hint in the latest batch; 0: none).
         self._answered: set[str] = set()
         self._report_after = 0
+        #: Whether that hint is all the leader needs (the batch's ``settles``), and then the
+        #: highest index that many followers acknowledged in one report since the hint was
+        #: given: another acknowledgement up to it cannot move the leader's commit index.
+        self._settles = False
+        self._settled = 0
         self._unreachable: set[str] = set()
         #: When the collected replies and acknowledgements must be reported at the latest.
         self.flush_at: float | None = None
@@ -108,6 +113,7 @@ class SecretaryRelay:
             self._acknowledged.clear()
             self._news = False
             self._answered.clear()
+            self._settled = 0
             self._unreachable.clear()
             self.flush_at = None
         elif batch.term < self.term:
@@ -121,7 +127,15 @@ class SecretaryRelay:
             return []
         self.stats.batches += 1
         self._ack_seq = max(self._ack_seq, batch.seq)
-        self._report_after = batch.report_after
+        if (batch.report_after, batch.settles) != (self._report_after, self._settles):
+            # A new hint (the leader's assignment or its direct voters changed): what the
+            # old one settled says nothing about what the leader needs now, and the
+            # acknowledgements held back under it go within the report delay.
+            self._report_after, self._settles = batch.report_after, batch.settles
+            self._settled = 0
+            if self._replies:
+                self._news = True
+                self._report_by(now + self.max_delay)
         by_target: dict[str, list[list[Any]]] = {}
         sizes: dict[str, int] = {}
         out: list[tuple[str, list[Any]]] = []
@@ -156,6 +170,17 @@ class SecretaryRelay:
         since its last rejection (its answer to a commit notice, say): the leader acts on an
         acknowledgement only when it raises the follower's match (Raft §5.3), which only a
         rejection lowers, so that one waits for the next report instead of making one.
+
+        When the leader's hint settles it (the hint is all the leader needs from this
+        secretary), acknowledgements wait for the hint: a report with fewer cannot move the
+        commit index, so news that is only an acknowledgement is reported once the hinted
+        number of followers have answered with news, or everyone has, or within the quiet
+        delay. An acknowledgement that raises the match no further than an index the hinted
+        number of followers acknowledged together in one report is no news at all (the commit
+        index moved with them): the stragglers of one batch ride with the next batch's report. A
+        follower's first acknowledgement (in the term, or since a rejection) and every other
+        reply stay news within ``max_delay``: the leader may be probing that follower, or
+        waiting on a read.
         """
         if self.leader is None or replies.term != self.term or replies.leader != self.leader:
             self.stats.drop("stale_reply")  # never forward a reply of another assignment
@@ -163,20 +188,26 @@ class SecretaryRelay:
         if not replies.items:
             return False
         acknowledged = self._acknowledged
-        news = False
+        settles = self._settles
+        settled = self._settled if settles else 0
+        news = prompt = False
         for item in replies.items:
             self._replies.append((peer, item))
             mtype, index, _, reject, _, context = item
             if mtype is MT.APPEND_RESP and not reject and not context:
-                if index > acknowledged.get(peer, -1):
+                before = acknowledged.get(peer)
+                if before is None or index > before:
                     acknowledged[peer] = index
-                    news = True
+                    if before is None or not settles:
+                        news = prompt = True
+                    elif index > settled:
+                        news = True
             else:
                 if reject:
                     # The follower lacks what it had (wiped storage): the leader lowers its
                     # match, and every acknowledgement up to the old one is news again.
                     acknowledged.pop(peer, None)
-                news = True
+                news = prompt = True
         owed = self._awaiting.get(peer)
         if owed is not None:
             owed[0] -= len(replies.items)
@@ -185,9 +216,7 @@ class SecretaryRelay:
         if news:
             self._news = True
             self._answered.add(peer)
-            self._report_by(now + self.max_delay)
-        else:
-            self._report_by(now + self.quiet_delay)
+        self._report_by(now + (self.max_delay if prompt else self.quiet_delay))
         # The leader commits once a quorum has the entries (Raft §5.3): the acknowledgements
         # it needs from here go back as soon as they are in; the rest follow together.
         return self._news and (not self._awaiting
@@ -228,6 +257,14 @@ class SecretaryRelay:
         self._answered = set()
         self._news = False
         self._reported_seq = self._ack_seq
+        need = self._report_after
+        if self._settles:
+            # The followers' acknowledgements in this report (one each, fresh): as many as
+            # the hint asks for let the leader commit up to the lowest of the highest ones.
+            acks = sorted(item[1] for _, item in replies if item[0] is MT.APPEND_RESP
+                          and not item[3] and not item[5])
+            if 0 < need <= len(acks):
+                self._settled = max(self._settled, acks[-need])
         return self.leader, payload
 
     def report_lost(self) -> None:

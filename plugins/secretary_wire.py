@@ -6,13 +6,16 @@ is ``[kind, body]``: the :class:`Kind`, and the body packed with msgpack into on
 batch). The bodies, shown with their kind in front:
 
 - ``BATCH`` leader -> secretary: ``1: [seq, term, leader, runs, targets, addresses,
-  report_after]``. ``runs`` holds each distinct entry of the batch once, as ``[first_index,
-  [[term, data, type], ...]]`` runs of consecutive indexes; ``targets`` holds one ``[type, to,
-  log_term, index, count, commit, context]`` per kernel message, whose entries are ``index + 1
-  .. index + count``; ``addresses`` maps a follower id to its raft ``host:port`` (sent once per
-  assignment); ``report_after`` (optional, 0: none) is how many of these followers'
-  acknowledgements the leader needs to commit: report as soon as that many have answered. A
-  secretary ignores any further fields (a later leader's additions).
+  report_after, settles]``. ``runs`` holds each distinct entry of the batch once, as
+  ``[first_index, [[term, data, type], ...]]`` runs of consecutive indexes; ``targets`` holds
+  one ``[type, to, log_term, index, count, commit, context]`` per kernel message, whose entries
+  are ``index + 1 .. index + count``; ``addresses`` maps a follower id to its raft
+  ``host:port`` (sent once per assignment); ``report_after`` (optional, 0: none) is how many
+  of these followers' acknowledgements the leader needs to commit: report as soon as that many
+  have answered; ``settles`` (optional, false) says that is all it needs: no other secretary
+  shares the count, and every voter it replicates to directly is keeping up, so an
+  acknowledgement of what that many followers have acknowledged already may wait for the next
+  report. A secretary ignores any further fields (a later leader's additions).
 - ``RELAY`` secretary -> follower: ``2: [term, leader, [[type, log_term, index, commit,
   context, [[term, data, type], ...]], ...]]``: the leader's messages to this follower.
 - ``REPLY`` follower -> secretary: ``3: [term, leader, [[type, index, log_term, reject,
@@ -201,6 +204,7 @@ class Batch:
     targets: tuple[Target, ...]
     addresses: dict[str, str]
     report_after: int = 0
+    settles: bool = False
 
     def wire_entries(self, target: Target) -> list[list[Any]]:
         """The wire entries ``target`` carries (present: :func:`decode_batch` checked it)."""
@@ -237,13 +241,14 @@ def distinct_entries(messages: Iterable[Message]) -> dict[int, Entry]:
 
 def encode_batch(seq: int, term: int, leader: str, messages: Sequence[Message],
                  addresses: Mapping[str, str],
-                 distinct: Mapping[int, Entry] | None = None, report_after: int = 0
-                 ) -> list[Any]:
+                 distinct: Mapping[int, Entry] | None = None, report_after: int = 0,
+                 settles: bool = False) -> list[Any]:
     """The BATCH payload carrying ``messages`` (all :func:`appendable`, of ``term``).
 
     Entries several messages share travel once. ``distinct``: their
     :func:`distinct_entries`, if the caller has them already. ``report_after``: the
-    acknowledgements the leader needs from these followers to commit (0: no hint).
+    acknowledgements the leader needs from these followers to commit (0: no hint);
+    ``settles``: that many are all it needs (see the module's docstring).
     """
     if distinct is None:
         distinct = distinct_entries(messages)
@@ -258,7 +263,8 @@ def encode_batch(seq: int, term: int, leader: str, messages: Sequence[Message],
             runs.append([index, run])
         e = distinct[index]
         run.append([e.term, e.data, int(e.type)])
-    return _pack(Kind.BATCH, [seq, term, leader, runs, targets, dict(addresses), report_after])
+    return _pack(Kind.BATCH, [seq, term, leader, runs, targets, dict(addresses), report_after,
+                              settles])
 
 
 def decode_batch(payload: Any) -> Batch:
@@ -268,12 +274,12 @@ def decode_batch(payload: Any) -> Batch:
         WireError: Malformed, or a target needs an entry the batch does not carry.
     """
     body = _body(payload, Kind.BATCH, "a batch", None)
-    if len(body) == 6:
-        body.append(0)   # a leader that gives no hint
-    elif len(body) < 6:
+    if len(body) < 6:
         raise WireError("a batch must be an array of at least 6")
-    # Fields after the seventh are a later leader's additions: they are left alone.
-    seq, term, leader, runs, targets, addresses, report_after = body[:7]
+    # A leader may give no hint (6 fields) or no ``settles`` (7); fields after the eighth are
+    # a later leader's additions: they are left alone.
+    seq, term, leader, runs, targets, addresses, report_after, settles = (
+        body + [0, False][len(body) - 6:])[:8]
     seq, term, leader = _int(seq, "seq"), _int(term, "term"), _id(leader, "leader")
     entries: dict[int, list[Any]] = {}
     for run in _list(runs, "runs"):
@@ -301,7 +307,7 @@ def decode_batch(payload: Any) -> Batch:
         if type(address) is not str or len(address) > 300:
             raise WireError("an address must be a string")
     return Batch(seq, term, leader, entries, tuple(checked), addresses,
-                 _int(report_after, "report_after"))
+                 _int(report_after, "report_after"), _bool(settles, "settles"))
 
 
 # -- RELAY: secretary -> follower -------------------------------------------------------------

@@ -275,6 +275,10 @@ class RelaySim:
             self.now += TICK_S
             self.net.tick()
             self.pump()
+            for v, leader in self.leaders.items():
+                raw = self.net.nodes[v].raw
+                if raw is not None and self._sync(v):
+                    leader.note_progress(raw.status())   # as the plugin does, once a tick
 
     def stabilize(self, max_rounds: int = 1000) -> None:
         """Persist and deliver everything in flight, in order, frames included."""

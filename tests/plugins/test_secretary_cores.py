@@ -105,6 +105,7 @@ def raw(kind: int, body) -> list:
     raw(1, [1, 1, "L", [], [], {}, -1]), raw(1, [1, 1, "L", [], [], {}, True]),   # report_after
     raw(1, [1, 1, "L", [], [], {}, "2"]), raw(1, [1, 1, "L", [], [], {}, 2**64 - 1]),
     raw(1, [1, 1, "L", [], []]),
+    raw(1, [1, 1, "L", [], [], {}, 1, 1]), raw(1, [1, 1, "L", [], [], {}, 1, None]),  # settles
 ])
 def test_malformed_payloads_are_wire_errors(payload):
     with pytest.raises(wire.WireError):
@@ -120,9 +121,13 @@ def test_malformed_payloads_are_wire_errors(payload):
 
 def test_a_batch_without_a_report_hint_is_read_as_no_hint_and_later_fields_are_ignored():
     body = [1, TERM, "L", [], [[7, "f1", 0, 0, 0, 3, b""]], {}]   # as a leader gives no hint
-    assert wire.decode_batch(raw(1, body)).report_after == 0
-    later = wire.decode_batch(raw(1, body + [3, "a later leader's field"]))
-    assert later.report_after == 3 and [t.to for t in later.targets] == ["f1"]
+    plain = wire.decode_batch(raw(1, body))
+    assert (plain.report_after, plain.settles) == (0, False)
+    hint_only = wire.decode_batch(raw(1, body + [3]))
+    assert (hint_only.report_after, hint_only.settles) == (3, False)
+    later = wire.decode_batch(raw(1, body + [3, True, "a later leader's field"]))
+    assert (later.report_after, later.settles) == (3, True)
+    assert [t.to for t in later.targets] == ["f1"]
 
 
 def test_a_payload_of_another_kind_is_refused():
@@ -354,6 +359,51 @@ def test_each_batch_says_how_many_acknowledgements_the_leader_needs_to_commit():
     assert (sec, wire.decode_batch(through_wire(payload)).report_after) == ("s2", 1)
 
 
+def test_a_hint_settles_only_when_it_is_all_the_leader_needs():
+    # Six voters (quorum 4): L and w1 in west, e1-e4 in east.
+    voters = {v: f"10.0.0.{k}:1" for k, v in enumerate(("L", "w1", "e1", "e2", "e3", "e4"))}
+
+    def core_with(members: dict[str, str]) -> LeaderRelay:
+        core = LeaderRelay("L", SETTINGS, voters)
+        for node, role in members.items():
+            core.member_changed(DirectoryEntry(node, role, "east", "alive",
+                                               relay=role != "secretary"), 0.0)
+        core.set_leadership(TERM, True)
+        return core
+
+    def hints(core: LeaderRelay, now: float = 1.0) -> dict[str, tuple[int, bool]]:
+        frames = core.route([append(t, 10, 1) for t in ("e1", "e2", "e3", "e4")], now)
+        return {sec: (b.report_after, b.settles) for sec, b in (
+            (sec, wire.decode_batch(through_wire(p))) for sec, p in frames)}
+
+    east = {"e1": "voter", "e2": "voter", "e3": "voter", "e4": "voter"}
+    core = core_with({**east, "s1": "secretary"})
+    assert hints(core) == {"s1": (2, True)}            # L and w1, and two of the four
+
+    def look(commit: int, **progress: tuple[int, bool]) -> None:
+        core.note_progress({"commit_index": commit, "voters": sorted(voters), "progress": {
+            v: {"match": m, "active": a}
+            for v, (m, a) in {**dict.fromkeys(voters, (commit, True)), **progress}.items()}})
+
+    look(20)
+    assert hints(core) == {"s1": (2, True)}
+    # w1 lacks what was committed at the last look: the leader needs three of the four.
+    look(30, w1=(19, True))
+    assert hints(core) == {"s1": (3, True)}
+    look(40, w1=(30, True))                           # caught up with the last look
+    assert hints(core) == {"s1": (2, True)}
+    look(50, w1=(50, False))                          # not heard from lately
+    assert hints(core) == {"s1": (3, True)}
+    # A relayed voter that is behind changes nothing: the secretary counts who answers.
+    look(60, e1=(0, False))
+    assert hints(core) == {"s1": (2, True)}
+    # An observer's answer counts for nothing, and the secretary cannot tell it apart.
+    assert hints(core_with({**east, "o1": "observer", "s1": "secretary"})) == {"s1": (2, False)}
+    # Shared among two secretaries, neither count is all the leader needs.
+    assert hints(core_with({**east, "s1": "secretary", "s2": "secretary"})) == {
+        "s1": (1, False), "s2": (2, False)}
+
+
 def test_commit_notice_waits_for_the_next_batch_and_is_replaced_by_it():
     core = leader_core(commit_delay=0.002)
     notices = [append("f0", 12, 0, commit=12), append("f1", 12, 0, commit=12)]
@@ -458,6 +508,125 @@ def test_secretary_reports_as_soon_as_the_leader_can_commit():
     assert [m.frm for m in wire.decode_report(payload, "L").replies] == ["f1", "f2"]
     assert sec.on_replies("f3", reply_from("f3"), 1.001) is False    # f4 is still due
     assert sec.on_replies("f4", reply_from("f4"), 1.0012) is True    # all in
+
+
+def test_when_the_hint_settles_it_the_stragglers_ride_with_the_next_report():
+    followers = ("f1", "f2", "f3", "f4")
+
+    def round_of(sec: SecretaryRelay, seq: int, settles: bool, now: float
+                 ) -> tuple[list[bool], list[tuple[str, int]]]:
+        """Batch ``seq`` (entry 11 + seq) to all four, hint 2; f1 and f2 answer, the report
+        they make leaves, then f3 and f4 answer. Returns what each answer said and what the
+        report carried."""
+        msgs = [append(f, 10 + seq, 1) for f in followers]
+        sec.on_batch("L", wire.decode_batch(through_wire(wire.encode_batch(
+            seq, TERM, "L", msgs, {}, report_after=2, settles=settles))), now)
+        said = [sec.on_replies(f, reply_from(f, index=11 + seq), now + 0.001)
+                for f in followers[:2]]
+        _, payload = sec.flush(now + 0.001)
+        said += [sec.on_replies(f, reply_from(f, index=11 + seq), now + 0.002)
+                 for f in followers[2:]]
+        return said, [(m.frm, m.index) for m in wire.decode_report(payload, "L").replies]
+
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    # A first acknowledgement is always news (it may end the leader's probing of it).
+    assert round_of(sec, 1, True, 1.0)[0] == [False, True, False, True]
+    sec.flush(1.002)
+    # Then f1 and f2 acknowledge 13 first: the leader commits it; f3's and f4's say no more,
+    # and wait for the next report, at the latest the quiet delay ...
+    said, reported = round_of(sec, 2, True, 1.01)
+    assert said == [False, True, False, False]
+    assert reported == [("f1", 13), ("f2", 13)]
+    assert sec.flush_at == pytest.approx(1.012 + QUIET_FACTOR * 0.002)
+    # ... which is the next batch's.
+    said, reported = round_of(sec, 3, True, 1.015)
+    assert said == [False, True, False, False]
+    assert reported == [("f3", 13), ("f4", 13), ("f1", 14), ("f2", 14)]
+    # A leader whose hint no longer settles it hears every acknowledgement again at once
+    # (the last one: every follower has answered).
+    said, reported = round_of(sec, 4, False, 1.02)
+    assert said == [False, True, False, True]
+    assert reported == [("f3", 14), ("f4", 14), ("f1", 15), ("f2", 15)]
+
+
+def test_when_the_hint_settles_it_acknowledgements_wait_for_the_hint():
+    # With fewer than the hinted acknowledgements the leader cannot commit: a report of them
+    # at the report delay would be one more for nothing.
+    sec = SecretaryRelay("s1", max_delay=0.002)
+
+    def hinted(seq: int, prev: int, settles: bool = True) -> wire.Batch:
+        return wire.decode_batch(through_wire(wire.encode_batch(
+            seq, TERM, "L", [append(f, prev, 1) for f in ("f1", "f2", "f3")], {},
+            report_after=2, settles=settles)))
+
+    sec.on_batch("L", hinted(1, 10), 1.0)
+    for f in ("f1", "f2", "f3"):
+        sec.on_replies(f, reply_from(f, index=11), 1.001)
+    sec.flush(1.001)
+    sec.on_batch("L", hinted(2, 11), 1.01)
+    assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is False
+    assert sec.flush_at == pytest.approx(1.01 + QUIET_FACTOR * 0.002)   # the batch's, no sooner
+    assert sec.on_replies("f2", reply_from("f2", index=12), 1.015) is True   # the hint
+    sec.flush(1.015)
+    # A rejection is news at once: the leader backs the follower up and probes it.
+    rejection = Message(MT.APPEND_RESP, "L", "f3", TERM, index=12, reject=True, reject_hint=9)
+    sec.on_replies("f3", wire.decode_replies(through_wire(wire.encode_replies(
+        TERM, "L", [rejection]))), 1.016)
+    assert sec.flush_at == pytest.approx(1.018)
+    sec.flush(1.018)
+    # Without a settling hint, an acknowledgement is news within the report delay.
+    sec.on_batch("L", hinted(3, 12, settles=False), 1.02)
+    assert sec.on_replies("f1", reply_from("f1", index=13), 1.021) is False
+    assert sec.flush_at == pytest.approx(1.023)
+
+
+def test_a_new_hint_forgets_what_the_old_one_settled():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    followers = ("f1", "f2", "f3")
+
+    def hinted(seq: int, prev: int, need: int) -> wire.Batch:
+        return wire.decode_batch(through_wire(wire.encode_batch(
+            seq, TERM, "L", [append(f, prev, 1) for f in followers], {},
+            report_after=need, settles=True)))
+
+    sec.on_batch("L", hinted(1, 10, 1), 1.0)
+    for f in followers:
+        sec.on_replies(f, reply_from(f, index=11), 1.001)
+    sec.flush(1.001)
+    sec.on_batch("L", hinted(2, 11, 1), 1.01)
+    assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is True
+    sec.flush(1.011)                                        # one acknowledged 12: settled
+    assert sec.on_replies("f2", reply_from("f2", index=12), 1.012) is False   # no news
+    # A direct voter fell behind: the leader now needs two of them. f2's 12, held back, goes
+    # within the report delay; f3's 12 is news again.
+    sec.on_batch("L", hinted(3, 12, 2), 1.02)
+    assert sec.flush_at == pytest.approx(1.022)
+    sec.on_replies("f3", reply_from("f3", index=12), 1.021)
+    _, payload = sec.flush(1.022)
+    assert [(m.frm, m.index) for m in wire.decode_report(payload, "L").replies] == [
+        ("f2", 12), ("f3", 12)]
+
+
+def test_after_a_rejection_the_first_acknowledgement_is_news_even_when_settled():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+
+    def hinted(seq: int, prev: int) -> wire.Batch:
+        return wire.decode_batch(through_wire(wire.encode_batch(
+            seq, TERM, "L", [append(f, prev, 1) for f in ("f1", "f2")], {},
+            report_after=1, settles=True)))
+
+    sec.on_batch("L", hinted(1, 10), 1.0)
+    sec.on_replies("f1", reply_from("f1", index=11), 1.001)
+    sec.on_replies("f2", reply_from("f2", index=11), 1.001)
+    sec.flush(1.001)
+    sec.on_batch("L", hinted(2, 11), 1.01)
+    assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is True
+    sec.flush(1.011)                                                  # settled: 12
+    rejection = Message(MT.APPEND_RESP, "L", "f2", TERM, index=12, reject=True, reject_hint=5)
+    sec.on_replies("f2", wire.decode_replies(through_wire(wire.encode_replies(
+        TERM, "L", [rejection]))), 1.012)
+    sec.flush(1.012)
+    assert sec.on_replies("f2", reply_from("f2", index=12), 1.02) is True   # probing ends
 
 
 def test_a_follower_that_keeps_owing_stops_holding_reports_even_while_it_answers():

@@ -35,9 +35,18 @@ class FakeKernel:
     term: int = TERM
     commit_index: int = 5
     unreachable: list[str] = field(default_factory=list)
+    id: str = "L"
+    #: follower -> (match, recently active), as the leader's progress says.
+    progress: dict[str, tuple[int, bool]] = field(
+        default_factory=lambda: {"F1": (5, True), "F2": (5, True)})
 
     def term_at(self, index: int) -> int:
         return self.term
+
+    def status(self) -> dict[str, Any]:
+        return {"commit_index": self.commit_index, "voters": ["F1", "F2", "L"],
+                "progress": {p: {"match": m, "active": a}
+                             for p, (m, a) in self.progress.items()}}
 
     def report_unreachable(self, node: str) -> None:
         self.unreachable.append(node)
@@ -313,6 +322,41 @@ def test_dead_secretary_is_taken_back_by_the_deadline_timer():
     assert leader.route([later]) == [later]    # benched: sent directly
     text = generate_latest(leader.registry).decode()
     assert 'bwraft_secretary_takebacks_total{reason="deadline"} 1.0' in text
+
+
+def test_the_hint_counts_on_no_direct_voter_that_lags():
+    """F2 (direct) and L are a quorum of three, so the secretary's F1 is no hint ... until
+    F2 falls behind what was committed one deadline check before: then the leader needs F1's
+    acknowledgement, and the hint says it is all it needs."""
+    net, leader, follower, secretary = cluster()
+
+    def hint() -> tuple[int, bool]:
+        leader.route([Message(MT.HEARTBEAT, "F1", "L", TERM, commit=5)])
+        [batch] = [wire.decode_batch(msgpack.unpackb(msgpack.packb(p), raw=False))
+                   for peer, p in leader.sent[-1:] if peer == "S"]
+        net.deliver()
+        return batch.report_after, batch.settles
+
+    def next_check() -> None:
+        """Up to the deadline checker's next run (every 100 ms tick), the secretary's quiet
+        reports delivered on the way."""
+        for _ in range(4):
+            net.clock.advance(0.025)
+            net.deliver()
+
+    assert hint() == (0, False)
+    leader.kernel.commit_index = 9
+    next_check()                              # commit 9 seen; F2 had 5 and was not behind
+    assert hint() == (0, False)
+    next_check()                              # F2 still lacks 9
+    assert hint() == (1, True)
+    leader.kernel.progress["F2"] = (9, True)
+    next_check()
+    assert hint() == (0, False)
+    leader.kernel.progress["F2"] = (9, False)  # not heard from lately
+    next_check()
+    assert hint() == (1, True)
+    assert leader.kernel.unreachable == []     # the secretary kept its follower throughout
 
 
 def test_gossip_marks_the_secretary_dead():
