@@ -455,15 +455,15 @@ class LeaderRelay:
 
     def note_progress(self, status: Mapping[str, Any]) -> None:
         """A look at the leader's kernel (``RawNode.status()``), now and then (the plugin's
-        deadline checks). A voter that lacks what was committed at the previous look, or that
-        the kernel has not heard from lately, is lagging: the report hints do not count on it
-        answering in time."""
+        deadline checks). A voter that still lacks what was committed at the previous look is
+        lagging: the report hints do not count on it answering in time. (A voter that stopped
+        answering is caught as soon as anything is committed without it; the kernel's
+        ``active`` flag would not do, since check-quorum clears it every election timeout.)"""
         progress = status.get("progress") or {}
         before, self._commit_seen = self._commit_seen, status["commit_index"]
         lagging = frozenset(
-            v for v in status["voters"] if v != self.node_id and (
-                v not in progress or not progress[v]["active"]
-                or progress[v]["match"] < before))
+            v for v in status["voters"] if v != self.node_id
+            and (v not in progress or progress[v]["match"] < before))
         if lagging != self._lagging:
             self._lagging = lagging
             self._hints.clear()

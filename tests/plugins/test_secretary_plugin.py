@@ -326,7 +326,7 @@ def test_dead_secretary_is_taken_back_by_the_deadline_timer():
 
 def test_the_hint_counts_on_no_direct_voter_that_lags():
     """F2 (direct) and L are a quorum of three, so the secretary's F1 is no hint ... until
-    F2 falls behind what was committed one deadline check before: then the leader needs F1's
+    F2 lacks what was committed one deadline check before: then the leader needs F1's
     acknowledgement, and the hint says it is all it needs."""
     net, leader, follower, secretary = cluster()
 
@@ -334,6 +334,8 @@ def test_the_hint_counts_on_no_direct_voter_that_lags():
         leader.route([Message(MT.HEARTBEAT, "F1", "L", TERM, commit=5)])
         [batch] = [wire.decode_batch(msgpack.unpackb(msgpack.packb(p), raw=False))
                    for peer, p in leader.sent[-1:] if peer == "S"]
+        net.deliver()
+        follower.route([Message(MT.HEARTBEAT_RESP, "L", "F1", TERM)])   # F1 answers
         net.deliver()
         return batch.report_after, batch.settles
 
@@ -353,8 +355,10 @@ def test_the_hint_counts_on_no_direct_voter_that_lags():
     leader.kernel.progress["F2"] = (9, True)
     next_check()
     assert hint() == (0, False)
-    leader.kernel.progress["F2"] = (9, False)  # not heard from lately
-    next_check()
+    leader.kernel.commit_index = 12
+    next_check()                              # F2 had 9, all there was at the last check
+    assert hint() == (0, False)
+    next_check()                              # ... and lacks 12 at this one
     assert hint() == (1, True)
     assert leader.kernel.unreachable == []     # the secretary kept its follower throughout
 
