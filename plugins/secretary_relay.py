@@ -271,6 +271,7 @@ class SecretaryRelay:
         """The report could not even be queued: what it acknowledged is news again. (A
         report lost after it was queued costs at most ``quiet_delay`` more.)"""
         self._acknowledged.clear()
+        self._settled = 0   # the leader never heard what settled it
 
     def status(self) -> dict[str, Any]:
         return {"leader": self.leader, "term": self.term, "acknowledged_batch": self._ack_seq,

@@ -755,6 +755,27 @@ def test_a_report_that_could_not_be_sent_makes_its_acknowledgements_news_again()
     assert sec.on_replies("f1", reply_from("f1"), 1.003) is True    # the leader needs it
 
 
+def test_a_report_that_could_not_be_sent_settles_nothing():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+
+    def hinted(seq: int, prev: int) -> wire.Batch:
+        return wire.decode_batch(through_wire(wire.encode_batch(
+            seq, TERM, "L", [append(f, prev, 1) for f in ("f1", "f2")], {},
+            report_after=1, settles=True)))
+
+    sec.on_batch("L", hinted(1, 10), 1.0)
+    sec.on_replies("f1", reply_from("f1", index=11), 1.001)
+    sec.on_replies("f2", reply_from("f2", index=11), 1.001)
+    sec.flush(1.001)
+    sec.on_batch("L", hinted(2, 11), 1.01)
+    assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is True
+    sec.flush(1.011)                                       # 12 settled ... but not sent
+    sec.report_lost()
+    sec.on_replies("f2", reply_from("f2", index=11), 1.012)   # late, and first again
+    sec.flush(1.012)
+    assert sec.on_replies("f2", reply_from("f2", index=12), 1.013) is True   # needed
+
+
 def test_secretary_fencing():
     sec = SecretaryRelay("s1")
     assert sec.on_batch("X", batch(1), 1.0) == []                    # not from its leader
