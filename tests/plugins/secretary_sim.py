@@ -73,6 +73,11 @@ class RelaySim:
         self.direct: dict[tuple[str, str], int] = {}
         self.takebacks: list[TakeBack] = []
         self.frames_sent: dict[wire.Kind, int] = {}
+        #: BATCH frames whose hint settles what the secretary reports, and the latest hint
+        #: each secretary was sent: (report_after, settles).
+        self.settling_batches = 0
+        self.hints: dict[str, tuple[int, bool]] = {}
+        self._progress_seen = float("-inf")
         for s in secretaries:
             self.restart_secretary(s)
         for v in [*voters, *self.helpers]:
@@ -180,9 +185,15 @@ class RelaySim:
         self.net.nodes[node_id].process()
 
     def check_deadlines(self) -> None:
+        look = self.now - self._progress_seen >= TICK_S
+        if look:
+            self._progress_seen = self.now
         for v, leader in self.leaders.items():
             if self._sync(v):
                 self._took_back(v, leader.check(self.now))
+                raw = self.net.nodes[v].raw
+                if look and raw is not None:
+                    leader.note_progress(raw.status())   # as the plugin does, once a tick
 
     def flush_secretaries(self, force: bool = False) -> None:
         for s, relay in self.secretaries.items():
@@ -210,6 +221,10 @@ class RelaySim:
             return
         kind = wire.kind_of(payload)
         self.frames_sent[kind] = self.frames_sent.get(kind, 0) + 1
+        if kind is wire.Kind.BATCH:
+            batch = wire.decode_batch(payload)
+            self.hints[dst] = (batch.report_after, batch.settles)
+            self.settling_batches += batch.settles
         self.frames.append(SimFrame(src, dst, codec.encode(codec.PluginFrame(wire.PLUGIN,
                                                                              payload))))
 
@@ -275,10 +290,6 @@ class RelaySim:
             self.now += TICK_S
             self.net.tick()
             self.pump()
-            for v, leader in self.leaders.items():
-                raw = self.net.nodes[v].raw
-                if raw is not None and self._sync(v):
-                    leader.note_progress(raw.status())   # as the plugin does, once a tick
 
     def stabilize(self, max_rounds: int = 1000) -> None:
         """Persist and deliver everything in flight, in order, frames included."""
@@ -309,6 +320,10 @@ class RelaySim:
 SCHEDULE_VOTERS = {"w1": "west", "w2": "west", "e1": "east", "e2": "east", "e3": "east"}
 SCHEDULE_HELPERS = {"o1": "east"}
 SCHEDULE_SECRETARIES = {"s1": "east", "s2": "east", "s3": "west"}
+#: Every third schedule: one secretary in east serving voters only, so that its hints settle
+#: what it reports (the observer in west is served directly).
+SETTLING_HELPERS = {"o1": "west"}
+SETTLING_SECRETARIES = {"s1": "east"}
 
 
 @dataclass
@@ -320,6 +335,7 @@ class RelayScheduleStats:
     takebacks: int = 0
     leaders: int = 0
     checks: int = 0
+    settling: int = 0
 
 
 def run_relay_schedule(seed: int, steps: int = 600, verbose: bool = False) -> RelayScheduleStats:
@@ -335,12 +351,14 @@ def run_relay_schedule(seed: int, steps: int = 600, verbose: bool = False) -> Re
     # send them at once: both paths meet the same faults.
     settings = RelaySettings(reply_deadline=5 * TICK_S, rehire_after=5 * TICK_S, window=16,
                              commit_delay=0.02 if seed % 2 else 0.0)
-    sim = RelaySim(SCHEDULE_VOTERS, SCHEDULE_SECRETARIES, seed, helpers=SCHEDULE_HELPERS,
+    helpers, secretaries = ((SETTLING_HELPERS, SETTLING_SECRETARIES) if seed % 3 == 2
+                            else (SCHEDULE_HELPERS, SCHEDULE_SECRETARIES))
+    sim = RelaySim(SCHEDULE_VOTERS, secretaries, seed, helpers=helpers,
                    settings=settings, async_persist=True, election_tick=6, max_inflight=8)
     net, rng = sim.net, sim.net.rng
     st = RelayScheduleStats(seed)
-    nodes = [*SCHEDULE_VOTERS, *SCHEDULE_HELPERS]
-    everyone = [*nodes, *SCHEDULE_SECRETARIES]
+    nodes = [*SCHEDULE_VOTERS, *helpers]
+    everyone = [*nodes, *secretaries]
     down: set[str] = set()
     counter = 0
     net.campaign(rng.choice(list(SCHEDULE_VOTERS)))
@@ -395,7 +413,7 @@ def run_relay_schedule(seed: int, steps: int = 600, verbose: bool = False) -> Re
                 sim.restart_voter(v)
                 note(f"restart {v}")
         elif r < 0.93:
-            s = rng.choice(list(SCHEDULE_SECRETARIES))
+            s = rng.choice(list(secretaries))
             if sim.secretaries[s] is None:
                 sim.restart_secretary(s)
                 note(f"restart secretary {s}")
@@ -403,7 +421,7 @@ def run_relay_schedule(seed: int, steps: int = 600, verbose: bool = False) -> Re
                 sim.crash_secretary(s)
                 note(f"crash secretary {s}")
         elif r < 0.95:
-            s = rng.choice(list(SCHEDULE_SECRETARIES))
+            s = rng.choice(list(secretaries))
             state = rng.choice(["suspect", "dead", "alive", "left"])
             sim.gossip(s, state)   # sometimes wrong: gossip is only a hint
             note(f"gossip {s} {state}")
@@ -424,7 +442,7 @@ def run_relay_schedule(seed: int, steps: int = 600, verbose: bool = False) -> Re
     net.drop_rate = 0.0
     for v in sorted(down):
         sim.restart_voter(v)
-    for s in SCHEDULE_SECRETARIES:
+    for s in secretaries:
         if sim.secretaries[s] is None:
             sim.restart_secretary(s)
         sim.gossip(s, "alive")
@@ -456,6 +474,7 @@ def run_relay_schedule(seed: int, steps: int = 600, verbose: bool = False) -> Re
     st.takebacks = len(sim.takebacks)
     st.leaders = len(net.checker.leaders)
     st.checks = net.checker.checks
+    st.settling = sim.settling_batches
     return st
 
 

@@ -70,6 +70,34 @@ def test_a_secretary_carries_the_east_datacenter_and_the_leader_sends_each_entry
     assert sim.leaders["w1"].assignment(sim.now) == {"s1": list(EAST)}
 
 
+def test_a_direct_voter_that_stops_answering_raises_the_settling_hint():
+    """One secretary serving the east voters only (the observer is in west): w1 and w2 need
+    one east acknowledgement, and the hint says that is all. w2 crashes: once the leader sees
+    it lack what was committed, it asks for two, and everything still commits."""
+    sim = RelaySim(VOTERS, {"s1": "east"}, 1, helpers={"o1": "west"}, election_tick=10)
+    sim.net.campaign("w1")
+    sim.stabilize()
+    assert sim.leader() == "w1"
+    live = ["w1", "e1", "e2", "e3", "o1"]
+
+    def writes(first: int) -> list[bytes]:
+        commands = write(sim, first, 3)
+        sim.stabilize()
+        sim.tick_all(1)
+        sim.stabilize()
+        return commands
+
+    writes(0)
+    assert sim.hints["s1"] == (1, True)
+    sim.crash_voter("w2")
+    writes(3)
+    writes(6)
+    commands = writes(9)
+    assert sim.hints["s1"] == (2, True)
+    assert all(sim.net.applied_commands(n)[-3:] == commands for n in live)
+    assert sim.net.nodes["w1"].raw.term == sim.net.nodes["e1"].raw.term
+
+
 def test_secretary_crash_causes_no_election_and_loses_nothing():
     """SIGKILL of the secretary (gossip has not noticed): the leader takes its followers back
     when the reply deadline passes, well before check-quorum or any follower's election
@@ -270,8 +298,9 @@ def test_randomized_relay_schedules(record_property):
         except (InvariantViolation, AssertionError) as e:
             raise AssertionError(f"seed {seed} failed: {e}\nreplay: python -m "
                                  f"tests.plugins.secretary_sim --seed {seed} -v") from e
-        for f in ("steps", "acked", "relayed", "takebacks", "leaders", "checks"):
+        for f in ("steps", "acked", "relayed", "takebacks", "leaders", "checks", "settling"):
             setattr(totals, f, getattr(totals, f) + getattr(st, f))
     record_property("coverage", str(totals))
     assert totals.relayed > 10 * SCHEDULE_SEEDS and totals.takebacks > SCHEDULE_SEEDS
     assert totals.acked > SCHEDULE_SEEDS and totals.leaders > SCHEDULE_SEEDS
+    assert totals.settling > SCHEDULE_SEEDS   # hints that let secretaries hold replies back
