@@ -511,6 +511,28 @@ def test_secretary_reports_as_soon_as_the_leader_can_commit():
     assert sec.on_replies("f4", reply_from("f4"), 1.0012) is True    # all in
 
 
+def hinted(seq: int, prev: int, followers=("f1", "f2"), need: int = 1,
+           settles: bool = True) -> wire.Batch:
+    """Batch ``seq``: entry ``prev + 1`` to each follower, with a report hint."""
+    return wire.decode_batch(through_wire(wire.encode_batch(
+        seq, TERM, "L", [append(f, prev, 1) for f in followers], {}, report_after=need,
+        settles=settles)))
+
+
+def twelve_settled() -> SecretaryRelay:
+    """f1 and f2 acknowledged 11; then f1 alone acknowledged 12, which a one-follower hint
+    settles with the report that carried it."""
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    sec.on_batch("L", hinted(1, 10), 1.0)
+    sec.on_replies("f1", reply_from("f1", index=11), 1.001)
+    sec.on_replies("f2", reply_from("f2", index=11), 1.001)
+    sec.flush(1.001)
+    sec.on_batch("L", hinted(2, 11), 1.01)
+    assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is True
+    sec.flush(1.011)
+    return sec
+
+
 def test_when_the_hint_settles_it_the_stragglers_ride_with_the_next_report():
     followers = ("f1", "f2", "f3", "f4")
 
@@ -554,17 +576,12 @@ def test_when_the_hint_settles_it_acknowledgements_wait_for_the_hint():
     # With fewer than the hinted acknowledgements the leader cannot commit: a report of them
     # at the report delay would be one more for nothing.
     sec = SecretaryRelay("s1", max_delay=0.002)
-
-    def hinted(seq: int, prev: int, settles: bool = True) -> wire.Batch:
-        return wire.decode_batch(through_wire(wire.encode_batch(
-            seq, TERM, "L", [append(f, prev, 1) for f in ("f1", "f2", "f3")], {},
-            report_after=2, settles=settles)))
-
-    sec.on_batch("L", hinted(1, 10), 1.0)
-    for f in ("f1", "f2", "f3"):
+    followers = ("f1", "f2", "f3")
+    sec.on_batch("L", hinted(1, 10, followers, 2), 1.0)
+    for f in followers:
         sec.on_replies(f, reply_from(f, index=11), 1.001)
     sec.flush(1.001)
-    sec.on_batch("L", hinted(2, 11), 1.01)
+    sec.on_batch("L", hinted(2, 11, followers, 2), 1.01)
     assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is False
     assert sec.flush_at == pytest.approx(1.01 + QUIET_FACTOR * 0.002)   # the batch's, no sooner
     assert sec.on_replies("f2", reply_from("f2", index=12), 1.015) is True   # the hint
@@ -576,7 +593,7 @@ def test_when_the_hint_settles_it_acknowledgements_wait_for_the_hint():
     assert sec.flush_at == pytest.approx(1.018)
     sec.flush(1.018)
     # Without a settling hint, an acknowledgement is news within the report delay.
-    sec.on_batch("L", hinted(3, 12, settles=False), 1.02)
+    sec.on_batch("L", hinted(3, 12, followers, 2, settles=False), 1.02)
     assert sec.on_replies("f1", reply_from("f1", index=13), 1.021) is False
     assert sec.flush_at == pytest.approx(1.023)
 
@@ -584,23 +601,17 @@ def test_when_the_hint_settles_it_acknowledgements_wait_for_the_hint():
 def test_a_new_hint_forgets_what_the_old_one_settled():
     sec = SecretaryRelay("s1", max_delay=0.002)
     followers = ("f1", "f2", "f3")
-
-    def hinted(seq: int, prev: int, need: int) -> wire.Batch:
-        return wire.decode_batch(through_wire(wire.encode_batch(
-            seq, TERM, "L", [append(f, prev, 1) for f in followers], {},
-            report_after=need, settles=True)))
-
-    sec.on_batch("L", hinted(1, 10, 1), 1.0)
+    sec.on_batch("L", hinted(1, 10, followers), 1.0)
     for f in followers:
         sec.on_replies(f, reply_from(f, index=11), 1.001)
     sec.flush(1.001)
-    sec.on_batch("L", hinted(2, 11, 1), 1.01)
+    sec.on_batch("L", hinted(2, 11, followers), 1.01)
     assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is True
     sec.flush(1.011)                                        # one acknowledged 12: settled
     assert sec.on_replies("f2", reply_from("f2", index=12), 1.012) is False   # no news
     # A direct voter fell behind: the leader now needs two of them. f2's 12, held back, goes
     # within the report delay; f3's 12 is news again.
-    sec.on_batch("L", hinted(3, 12, 2), 1.02)
+    sec.on_batch("L", hinted(3, 12, followers, 2), 1.02)
     assert sec.flush_at == pytest.approx(1.022)
     sec.on_replies("f3", reply_from("f3", index=12), 1.021)
     _, payload = sec.flush(1.022)
@@ -609,20 +620,7 @@ def test_a_new_hint_forgets_what_the_old_one_settled():
 
 
 def test_after_a_rejection_the_first_acknowledgement_is_news_even_when_settled():
-    sec = SecretaryRelay("s1", max_delay=0.002)
-
-    def hinted(seq: int, prev: int) -> wire.Batch:
-        return wire.decode_batch(through_wire(wire.encode_batch(
-            seq, TERM, "L", [append(f, prev, 1) for f in ("f1", "f2")], {},
-            report_after=1, settles=True)))
-
-    sec.on_batch("L", hinted(1, 10), 1.0)
-    sec.on_replies("f1", reply_from("f1", index=11), 1.001)
-    sec.on_replies("f2", reply_from("f2", index=11), 1.001)
-    sec.flush(1.001)
-    sec.on_batch("L", hinted(2, 11), 1.01)
-    assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is True
-    sec.flush(1.011)                                                  # settled: 12
+    sec = twelve_settled()
     rejection = Message(MT.APPEND_RESP, "L", "f2", TERM, index=12, reject=True, reject_hint=5)
     sec.on_replies("f2", wire.decode_replies(through_wire(wire.encode_replies(
         TERM, "L", [rejection]))), 1.012)
@@ -756,21 +754,8 @@ def test_a_report_that_could_not_be_sent_makes_its_acknowledgements_news_again()
 
 
 def test_a_report_that_could_not_be_sent_settles_nothing():
-    sec = SecretaryRelay("s1", max_delay=0.002)
-
-    def hinted(seq: int, prev: int) -> wire.Batch:
-        return wire.decode_batch(through_wire(wire.encode_batch(
-            seq, TERM, "L", [append(f, prev, 1) for f in ("f1", "f2")], {},
-            report_after=1, settles=True)))
-
-    sec.on_batch("L", hinted(1, 10), 1.0)
-    sec.on_replies("f1", reply_from("f1", index=11), 1.001)
-    sec.on_replies("f2", reply_from("f2", index=11), 1.001)
-    sec.flush(1.001)
-    sec.on_batch("L", hinted(2, 11), 1.01)
-    assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is True
-    sec.flush(1.011)                                       # 12 settled ... but not sent
-    sec.report_lost()
+    sec = twelve_settled()
+    sec.report_lost()                                      # the report that settled 12
     sec.on_replies("f2", reply_from("f2", index=11), 1.012)   # late, and first again
     sec.flush(1.012)
     assert sec.on_replies("f2", reply_from("f2", index=12), 1.013) is True   # needed
