@@ -300,8 +300,9 @@ class SecretaryPlugin:
     def _check_deadlines(self) -> None:
         node = self.node
         if node is not None and self.leader is not None and self._leading(node):
-            self._took_back(node, self.leader.check(node.reactor.seconds()))
-            self.leader.note_progress(node.kernel.status())
+            now = node.reactor.seconds()
+            self._took_back(node, self.leader.check(now))
+            self.leader.note_progress(node.kernel.status(), now)
 
     def _took_back(self, node: Any, takebacks: Iterable[TakeBack]) -> None:
         """Followers of a secretary that is gone or late: probe them at once (the kernel

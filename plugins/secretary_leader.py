@@ -156,10 +156,10 @@ class LeaderRelay:
         #: secretary -> its report hint and whether the hint settles it, for the assignment
         #: above.
         self._hints: dict[str, tuple[int, bool]] = {}
-        #: Voters not to count on answering promptly (note_progress), and the commit index
-        #: at the last look.
+        #: Voters not to count on answering promptly (note_progress), and (time, commit
+        #: index) at the looks since one reply deadline ago.
         self._lagging: frozenset[str] = frozenset()
-        self._commit_seen = 0
+        self._commits_seen: deque[tuple[float, int]] = deque()
         self._pending_takebacks: list[TakeBack] = []
         #: follower -> its latest entry-less APPEND, waiting for the next batch (commit_delay).
         self._held: dict[str, Message] = {}
@@ -204,7 +204,7 @@ class LeaderRelay:
             # A new term: nothing of the old one carries over but what gossip told us, and
             # how each secretary behaved (benches).
             self.term = term
-            self._commit_seen = 0
+            self._commits_seen.clear()
             self._drop_held()
             self._served.clear()
             self._direct_until.clear()
@@ -453,14 +453,20 @@ class LeaderRelay:
             self._hints[secretary] = hint
         return hint
 
-    def note_progress(self, status: Mapping[str, Any]) -> None:
+    def note_progress(self, status: Mapping[str, Any], now: float) -> None:
         """A look at the leader's kernel (``RawNode.status()``), now and then (the plugin's
-        deadline checks). A voter that still lacks what was committed at the previous look is
+        deadline checks). A voter that still lacks what was committed a reply deadline ago is
         lagging: the report hints do not count on it answering in time. (A voter that stopped
-        answering is caught as soon as anything is committed without it; the kernel's
-        ``active`` flag would not do, since check-quorum clears it every election timeout.)"""
+        answering is caught within a deadline of the first commit without it, and one that is
+        merely slow, on a busy machine, is not; the kernel's ``active`` flag would not do,
+        since check-quorum clears it every election timeout.)"""
+        seen = self._commits_seen
+        seen.append((now, status["commit_index"]))
+        horizon = now - self.settings.reply_deadline
+        while len(seen) > 1 and seen[1][0] <= horizon:
+            seen.popleft()
+        before = seen[0][1] if seen[0][0] <= horizon else 0
         progress = status.get("progress") or {}
-        before, self._commit_seen = self._commit_seen, status["commit_index"]
         lagging = frozenset(
             v for v in status["voters"] if v != self.node_id
             and (v not in progress or progress[v]["match"] < before))

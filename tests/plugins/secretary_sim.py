@@ -185,7 +185,7 @@ class RelaySim:
         self.net.nodes[node_id].process()
 
     def check_deadlines(self) -> None:
-        look = self.now - self._progress_seen >= TICK_S
+        look = self.now - self._progress_seen >= TICK_S - 1e-9   # once a tick
         if look:
             self._progress_seen = self.now
         for v, leader in self.leaders.items():
@@ -193,7 +193,7 @@ class RelaySim:
                 self._took_back(v, leader.check(self.now))
                 raw = self.net.nodes[v].raw
                 if look and raw is not None:
-                    leader.note_progress(raw.status())   # as the plugin does, once a tick
+                    leader.note_progress(raw.status(), self.now)   # as the plugin does
 
     def flush_secretaries(self, force: bool = False) -> None:
         for s, relay in self.secretaries.items():

@@ -380,24 +380,25 @@ def test_a_hint_settles_only_when_it_is_all_the_leader_needs():
     core = core_with({**east, "s1": "secretary"})
     assert hints(core) == {"s1": (2, True)}            # L and w1, and two of the four
 
-    def look(commit: int, **progress: tuple[int, bool]) -> None:
+    def look(now: float, commit: int, **progress: tuple[int, bool]) -> dict:
+        """The leader's kernel at ``now`` (every voter at ``commit`` unless given), and the
+        hints that follow (the reply deadline is 0.3 s)."""
         core.note_progress({"commit_index": commit, "voters": sorted(voters), "progress": {
             v: {"match": m, "active": a}
-            for v, (m, a) in {**dict.fromkeys(voters, (commit, True)), **progress}.items()}})
+            for v, (m, a) in {**dict.fromkeys(voters, (commit, True)), **progress}.items()}},
+            now)
+        return hints(core, now)
 
-    look(20)
-    assert hints(core) == {"s1": (2, True)}
-    # w1 lacks what was committed at the last look: the leader needs three of the four.
-    look(30, w1=(19, True))
-    assert hints(core) == {"s1": (3, True)}
-    look(40, w1=(30, True))                           # caught up with the last look
-    assert hints(core) == {"s1": (2, True)}
+    assert look(1.0, 20) == {"s1": (2, True)}
+    # w1 is behind, but for less than a reply deadline: a busy voter is still counted on.
+    assert look(1.1, 25, w1=(19, True)) == {"s1": (2, True)}
+    # It still lacks what was committed a deadline ago: the leader needs three of the four.
+    assert look(1.3, 30, w1=(19, True)) == {"s1": (3, True)}
+    assert look(1.4, 40, w1=(30, True)) == {"s1": (2, True)}   # caught up
     # Not heard from since check-quorum's last round is no sign of lagging by itself.
-    look(50, w1=(40, False))
-    assert hints(core) == {"s1": (2, True)}
+    assert look(1.5, 50, w1=(40, False)) == {"s1": (2, True)}
     # A relayed voter that is behind changes nothing: the secretary counts who answers.
-    look(60, e1=(0, False))
-    assert hints(core) == {"s1": (2, True)}
+    assert look(1.9, 60, e1=(0, False)) == {"s1": (2, True)}
     # An observer's answer counts for nothing, and the secretary cannot tell it apart.
     assert hints(core_with({**east, "o1": "observer", "s1": "secretary"})) == {"s1": (2, False)}
     # Shared among two secretaries, neither count is all the leader needs.
