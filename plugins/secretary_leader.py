@@ -156,9 +156,13 @@ class LeaderRelay:
         #: secretary -> its report hint and whether the hint settles it, for the assignment
         #: above.
         self._hints: dict[str, tuple[int, bool]] = {}
-        #: Voters not to count on answering promptly (note_progress), and (time, commit
-        #: index) at the looks since one reply deadline ago.
+        #: The voters as the kernel last said (note_progress; the configured ones until
+        #: then), those not to count on answering promptly, those that were behind the
+        #: commit index at the last look, and (time, commit index) at the looks since one
+        #: reply deadline ago.
+        self._voters: frozenset[str] = frozenset(self.voter_addresses)
         self._lagging: frozenset[str] = frozenset()
+        self._behind: frozenset[str] = frozenset()
         self._commits_seen: deque[tuple[float, int]] = deque()
         self._pending_takebacks: list[TakeBack] = []
         #: follower -> its latest entry-less APPEND, waiting for the next batch (commit_delay).
@@ -430,48 +434,60 @@ class LeaderRelay:
         every voter it replicates to directly, except those lagging, answers; it is shared
         among the secretaries by how many voters each serves; 0 when the direct voters are a
         quorum. It settles what the secretary must report at once only when no other
-        secretary shares it and the secretary serves voters alone (an observer's answer
-        counts for nothing). A hint only: a secretary that reports earlier or later changes
-        no decision, only when the leader hears it.
+        secretary shares it, the secretary serves voters alone (an observer's answer counts
+        for nothing), and no direct voter it counts on was behind the commit index at the
+        last look: one that was answers later than the relayed voters, so the leader needed
+        more of them than the count says, and holding those back would delay commits. A hint
+        only: a secretary that reports earlier or later changes no decision, only when the
+        leader hears it.
         """
         if now >= self._assignment_expires:
             self._reset_assignment()   # as secretary_for would: a bench has ended
         hint = self._hints.get(secretary)
         if hint is None:
-            voters = self.voter_addresses
+            voters = self._voters
             by_secretary = {v: self.secretary_for(v, now) for v in voters}
             relayed = sum(1 for s in by_secretary.values() if s is not None)
             served = sum(1 for s in by_secretary.values() if s == secretary)
-            direct = sum(1 for v, s in by_secretary.items()
-                         if s is None and (v == self.node_id or v not in self._lagging))
-            need = len(voters) // 2 + 1 - direct
+            counted = [v for v, s in by_secretary.items()
+                       if s is None and (v == self.node_id or v not in self._lagging)]
+            need = len(voters) // 2 + 1 - len(counted)
             count = -(-need * served // relayed) if need > 0 and served else 0   # ceil
             only_voters = not any(
                 self.secretary_for(e.id, now) == secretary for e in self.directory.values()
                 if e.id not in voters and e.role != SECRETARY_ROLE)
-            hint = (count, 0 < count and served == relayed and only_voters)
+            prompt = not self._behind.intersection(counted)
+            hint = (count, 0 < count and served == relayed and only_voters and prompt)
             self._hints[secretary] = hint
         return hint
 
     def note_progress(self, status: Mapping[str, Any], now: float) -> None:
         """A look at the leader's kernel (``RawNode.status()``), now and then (the plugin's
-        deadline checks). A voter that still lacks what was committed a reply deadline ago is
-        lagging: the report hints do not count on it answering in time. (A voter that stopped
-        answering is caught within a deadline of the first commit without it, and one that is
-        merely slow, on a busy machine, is not; the kernel's ``active`` flag would not do,
-        since check-quorum clears it every election timeout.)"""
+        deadline checks): the voters as they are now (a configuration change moves the
+        quorum), which of them are behind the commit index, and which are lagging.
+
+        A voter that still lacks what was committed a reply deadline ago is lagging: the
+        report hints do not count on it answering in time. (A voter that stopped answering is
+        caught within a deadline of the first commit without it, and one that is merely slow,
+        on a busy machine, is not; the kernel's ``active`` flag would not do, since
+        check-quorum clears it every election timeout.) One that is only behind still counts,
+        but the hints no longer settle anything while it is (see :meth:`_report_after`)."""
+        commit = status["commit_index"]
         seen = self._commits_seen
-        seen.append((now, status["commit_index"]))
+        seen.append((now, commit))
         horizon = now - self.settings.reply_deadline
         while len(seen) > 1 and seen[1][0] <= horizon:
             seen.popleft()
         before = seen[0][1] if seen[0][0] <= horizon else 0
         progress = status.get("progress") or {}
-        lagging = frozenset(
-            v for v in status["voters"] if v != self.node_id
-            and (v not in progress or progress[v]["match"] < before))
-        if lagging != self._lagging:
-            self._lagging = lagging
+        voters = frozenset(status["voters"])
+        others = [v for v in voters if v != self.node_id]
+        lagging = frozenset(v for v in others
+                            if v not in progress or progress[v]["match"] < before)
+        behind = frozenset(v for v in others
+                           if v not in progress or progress[v]["match"] < commit)
+        if (voters, lagging, behind) != (self._voters, self._lagging, self._behind):
+            self._voters, self._lagging, self._behind = voters, lagging, behind
             self._hints.clear()
 
     def send_failed(self, secretary: str, now: float) -> list[TakeBack]:

@@ -129,10 +129,12 @@ class SecretaryRelay:
         self._ack_seq = max(self._ack_seq, batch.seq)
         if (batch.report_after, batch.settles) != (self._report_after, self._settles):
             # A new hint (the leader's assignment or its direct voters changed): what the
-            # old one settled says nothing about what the leader needs now, and the
-            # acknowledgements held back under it go within the report delay.
+            # old one settled says nothing about what the leader needs now, the
+            # acknowledgements held back under it go within the report delay, and each
+            # follower's next one is prompt again (one handed back to us may be probed).
             self._report_after, self._settles = batch.report_after, batch.settles
             self._settled = 0
+            self._acknowledged.clear()
             if self._replies:
                 self._news = True
                 self._report_by(now + self.max_delay)
@@ -178,9 +180,9 @@ class SecretaryRelay:
         delay. An acknowledgement that raises the match no further than an index the hinted
         number of followers acknowledged together in one report is no news at all (the commit
         index moved with them): the stragglers of one batch ride with the next batch's report. A
-        follower's first acknowledgement (in the term, or since a rejection) and every other
-        reply stay news within ``max_delay``: the leader may be probing that follower, or
-        waiting on a read.
+        follower's first acknowledgement (in the term, since a rejection, or since a new hint)
+        and every other reply stay news within ``max_delay``: the leader may be probing that
+        follower, or waiting on a read.
         """
         if self.leader is None or replies.term != self.term or replies.leader != self.leader:
             self.stats.drop("stale_reply")  # never forward a reply of another assignment

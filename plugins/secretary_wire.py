@@ -13,9 +13,10 @@ batch). The bodies, shown with their kind in front:
   ``host:port`` (sent once per assignment); ``report_after`` (optional, 0: none) is how many
   of these followers' acknowledgements the leader needs to commit: report as soon as that many
   have answered; ``settles`` (optional, false) says that is all it needs: no other secretary
-  shares the count, and every voter it replicates to directly is keeping up, so an
-  acknowledgement of what that many followers have acknowledged already may wait for the next
-  report. A secretary ignores any further fields (a later leader's additions).
+  shares the count, the secretary serves no observer, and every voter the count relies on
+  answering directly is keeping up, so an acknowledgement of what that many followers have
+  acknowledged already may wait for the next report. A secretary ignores any further fields
+  (a later leader's additions).
 - ``RELAY`` secretary -> follower: ``2: [term, leader, [[type, log_term, index, commit,
   context, [[term, data, type], ...]], ...]]``: the leader's messages to this follower.
 - ``REPLY`` follower -> secretary: ``3: [term, leader, [[type, index, log_term, reject,

@@ -390,13 +390,14 @@ def test_a_hint_settles_only_when_it_is_all_the_leader_needs():
         return hints(core, now)
 
     assert look(1.0, 20) == {"s1": (2, True)}
-    # w1 is behind, but for less than a reply deadline: a busy voter is still counted on.
-    assert look(1.1, 25, w1=(19, True)) == {"s1": (2, True)}
+    # w1 is behind, but for less than a reply deadline: a busy voter is still counted on, but
+    # the commits came without it, so two of the four may not be all the leader needs.
+    assert look(1.1, 25, w1=(19, True)) == {"s1": (2, False)}
     # It still lacks what was committed a deadline ago: the leader needs three of the four.
     assert look(1.3, 30, w1=(19, True)) == {"s1": (3, True)}
-    assert look(1.4, 40, w1=(30, True)) == {"s1": (2, True)}   # caught up
+    assert look(1.4, 40, w1=(40, True)) == {"s1": (2, True)}   # caught up
     # Not heard from since check-quorum's last round is no sign of lagging by itself.
-    assert look(1.5, 50, w1=(40, False)) == {"s1": (2, True)}
+    assert look(1.5, 50, w1=(50, False)) == {"s1": (2, True)}
     # A relayed voter that is behind changes nothing: the secretary counts who answers.
     assert look(1.9, 60, e1=(0, False)) == {"s1": (2, True)}
     # An observer's answer counts for nothing, and the secretary cannot tell it apart.
@@ -404,6 +405,54 @@ def test_a_hint_settles_only_when_it_is_all_the_leader_needs():
     # Shared among two secretaries, neither count is all the leader needs.
     assert hints(core_with({**east, "s1": "secretary", "s2": "secretary"})) == {
         "s1": (1, False), "s2": (2, False)}
+
+
+def test_a_direct_voter_that_answers_later_than_the_relayed_ones_stops_the_settling():
+    # L leads; D, in a datacenter of its own, is served directly; R1-R3 through s1. Quorum 3:
+    # with D counted on, one relayed acknowledgement is all the leader needs.
+    core = five_voter_core()
+    assert relayed_hint(core, 1.0) == (1, True)
+    # D answers some 50 ms late, every time: never a reply deadline behind, so it is still
+    # counted on, but each commit needed a second relayed acknowledgement: nothing settles.
+    t = 1.0
+    for commit in range(10, 60, 5):
+        look_at(core, t, commit, D=commit - 2)
+        assert relayed_hint(core, t) == (1, False)
+        t += 0.1
+    look_at(core, t, 60)
+    assert relayed_hint(core, t) == (1, True)
+
+
+def test_the_hints_count_the_voters_the_kernel_has_now():
+    core = five_voter_core()
+    assert relayed_hint(core, 1.0) == (1, True)
+    # D is removed by a configuration change: L, R1-R3 (quorum 3) need two relayed answers.
+    look_at(core, 1.1, 10, voters=("L", "R1", "R2", "R3"))
+    assert relayed_hint(core, 1.1) == (2, True)
+
+
+def five_voter_core() -> LeaderRelay:
+    voters = {v: f"10.0.0.{k}:1" for k, v in enumerate(("L", "D", "R1", "R2", "R3"))}
+    core = LeaderRelay("L", SETTINGS, voters)
+    core.member_changed(DirectoryEntry("D", "voter", "south", "alive", relay=True), 0.0)
+    for node in ("R1", "R2", "R3"):
+        core.member_changed(DirectoryEntry(node, "voter", "east", "alive", relay=True), 0.0)
+    core.member_changed(DirectoryEntry("s1", "secretary", "east", "alive"), 0.0)
+    core.set_leadership(TERM, True)
+    return core
+
+
+def look_at(core: LeaderRelay, now: float, commit: int,
+            voters: tuple[str, ...] = ("L", "D", "R1", "R2", "R3"), **match: int) -> None:
+    """The leader's kernel at ``now``: every voter at ``commit`` unless given."""
+    core.note_progress({"commit_index": commit, "voters": list(voters), "progress": {
+        v: {"match": match.get(v, commit), "active": True} for v in voters if v != "L"}}, now)
+
+
+def relayed_hint(core: LeaderRelay, now: float) -> tuple[int, bool]:
+    [(_, payload)] = core.route([append(t, 10, 1) for t in ("R1", "R2", "R3")], now)
+    batch = wire.decode_batch(through_wire(payload))
+    return batch.report_after, batch.settles
 
 
 def test_commit_notice_waits_for_the_next_batch_and_is_replaced_by_it():
@@ -618,6 +667,23 @@ def test_a_new_hint_forgets_what_the_old_one_settled():
     _, payload = sec.flush(1.022)
     assert [(m.frm, m.index) for m in wire.decode_report(payload, "L").replies] == [
         ("f2", 12), ("f3", 12)]
+
+
+def test_a_follower_handed_back_answers_promptly_even_when_settled():
+    sec = SecretaryRelay("s1", max_delay=0.002)
+    followers = ("f1", "f2", "f3")
+    sec.on_batch("L", hinted(1, 10, followers), 1.0)
+    for f in followers:
+        sec.on_replies(f, reply_from(f, index=11), 1.001)
+    sec.flush(1.001)
+    # f3 is taken back (the leader's hint changes), then handed back and probed.
+    sec.on_batch("L", hinted(2, 11, ("f1", "f2"), settles=False), 1.01)
+    sec.on_batch("L", hinted(3, 11, followers), 1.02)
+    assert sec.on_replies("f1", reply_from("f1", index=12), 1.021) is True
+    sec.flush(1.021)                                        # one acknowledged 12: settled
+    # f3's answer to the probe is no higher, but the leader waits on it: it is news.
+    assert sec.on_replies("f3", reply_from("f3", index=12), 1.022) is True
+    assert sec.flush_at == pytest.approx(1.024)
 
 
 def test_after_a_rejection_the_first_acknowledgement_is_news_even_when_settled():
