@@ -648,20 +648,28 @@ def test_when_the_hint_settles_it_acknowledgements_wait_for_the_hint():
     assert sec.flush_at == pytest.approx(1.023)
 
 
-def test_a_new_hint_forgets_what_the_old_one_settled():
+THREE = ("f1", "f2", "f3")
+
+
+def three_at_eleven() -> SecretaryRelay:
+    """f1, f2 and f3 acknowledged 11 under a one-follower settling hint, and were reported."""
     sec = SecretaryRelay("s1", max_delay=0.002)
-    followers = ("f1", "f2", "f3")
-    sec.on_batch("L", hinted(1, 10, followers), 1.0)
-    for f in followers:
+    sec.on_batch("L", hinted(1, 10, THREE), 1.0)
+    for f in THREE:
         sec.on_replies(f, reply_from(f, index=11), 1.001)
     sec.flush(1.001)
-    sec.on_batch("L", hinted(2, 11, followers), 1.01)
+    return sec
+
+
+def test_a_new_hint_forgets_what_the_old_one_settled():
+    sec = three_at_eleven()
+    sec.on_batch("L", hinted(2, 11, THREE), 1.01)
     assert sec.on_replies("f1", reply_from("f1", index=12), 1.011) is True
     sec.flush(1.011)                                        # one acknowledged 12: settled
     assert sec.on_replies("f2", reply_from("f2", index=12), 1.012) is False   # no news
     # A direct voter fell behind: the leader now needs two of them. f2's 12, held back, goes
     # within the report delay; f3's 12 is news again.
-    sec.on_batch("L", hinted(3, 12, followers, 2), 1.02)
+    sec.on_batch("L", hinted(3, 12, THREE, 2), 1.02)
     assert sec.flush_at == pytest.approx(1.022)
     sec.on_replies("f3", reply_from("f3", index=12), 1.021)
     _, payload = sec.flush(1.022)
@@ -670,15 +678,10 @@ def test_a_new_hint_forgets_what_the_old_one_settled():
 
 
 def test_a_follower_handed_back_answers_promptly_even_when_settled():
-    sec = SecretaryRelay("s1", max_delay=0.002)
-    followers = ("f1", "f2", "f3")
-    sec.on_batch("L", hinted(1, 10, followers), 1.0)
-    for f in followers:
-        sec.on_replies(f, reply_from(f, index=11), 1.001)
-    sec.flush(1.001)
+    sec = three_at_eleven()
     # f3 is taken back (the leader's hint changes), then handed back and probed.
     sec.on_batch("L", hinted(2, 11, ("f1", "f2"), settles=False), 1.01)
-    sec.on_batch("L", hinted(3, 11, followers), 1.02)
+    sec.on_batch("L", hinted(3, 11, THREE), 1.02)
     assert sec.on_replies("f1", reply_from("f1", index=12), 1.021) is True
     sec.flush(1.021)                                        # one acknowledged 12: settled
     # f3's answer to the probe is no higher, but the leader waits on it: it is news.
