@@ -359,100 +359,98 @@ def test_each_batch_says_how_many_acknowledgements_the_leader_needs_to_commit():
     assert (sec, wire.decode_batch(through_wire(payload)).report_after) == ("s2", 1)
 
 
+SIX = ("L", "w1", "e1", "e2", "e3", "e4")
+EAST = ("e1", "e2", "e3", "e4")
+
+
 def test_a_hint_settles_only_when_it_is_all_the_leader_needs():
     # Six voters (quorum 4): L and w1 in west, e1-e4 in east.
-    voters = {v: f"10.0.0.{k}:1" for k, v in enumerate(("L", "w1", "e1", "e2", "e3", "e4"))}
+    east = {e: ("voter", "east") for e in EAST}
+    core = core_of(SIX, {**east, "s1": ("secretary", "east")})
+    assert hints_for(core, 1.0, EAST) == {"s1": (2, True)}   # L and w1, and two of the four
 
-    def core_with(members: dict[str, str]) -> LeaderRelay:
-        core = LeaderRelay("L", SETTINGS, voters)
-        for node, role in members.items():
-            core.member_changed(DirectoryEntry(node, role, "east", "alive",
-                                               relay=role != "secretary"), 0.0)
-        core.set_leadership(TERM, True)
-        return core
-
-    def hints(core: LeaderRelay, now: float = 1.0) -> dict[str, tuple[int, bool]]:
-        frames = core.route([append(t, 10, 1) for t in ("e1", "e2", "e3", "e4")], now)
-        return {sec: (b.report_after, b.settles) for sec, b in (
-            (sec, wire.decode_batch(through_wire(p))) for sec, p in frames)}
-
-    east = {"e1": "voter", "e2": "voter", "e3": "voter", "e4": "voter"}
-    core = core_with({**east, "s1": "secretary"})
-    assert hints(core) == {"s1": (2, True)}            # L and w1, and two of the four
-
-    def look(now: float, commit: int, **progress: tuple[int, bool]) -> dict:
-        """The leader's kernel at ``now`` (every voter at ``commit`` unless given), and the
-        hints that follow (the reply deadline is 0.3 s)."""
-        core.note_progress({"commit_index": commit, "voters": sorted(voters), "progress": {
-            v: {"match": m, "active": a}
-            for v, (m, a) in {**dict.fromkeys(voters, (commit, True)), **progress}.items()}},
-            now)
-        return hints(core, now)
+    def look(now: float, commit: int, inactive: tuple[str, ...] = (), **match: int) -> dict:
+        """The hints after a look at the kernel (the reply deadline is 0.3 s)."""
+        look_at(core, now, commit, SIX, inactive, **match)
+        return hints_for(core, now, EAST)
 
     assert look(1.0, 20) == {"s1": (2, True)}
     # w1 is behind, but for less than a reply deadline: a busy voter is still counted on, but
     # the commits came without it, so two of the four may not be all the leader needs.
-    assert look(1.1, 25, w1=(19, True)) == {"s1": (2, False)}
+    assert look(1.1, 25, w1=19) == {"s1": (2, False)}
     # It still lacks what was committed a deadline ago: the leader needs three of the four.
-    assert look(1.3, 30, w1=(19, True)) == {"s1": (3, True)}
-    assert look(1.4, 40, w1=(40, True)) == {"s1": (2, True)}   # caught up
+    assert look(1.3, 30, w1=19) == {"s1": (3, True)}
+    assert look(1.4, 40) == {"s1": (2, True)}   # caught up
     # Not heard from since check-quorum's last round is no sign of lagging by itself.
-    assert look(1.5, 50, w1=(50, False)) == {"s1": (2, True)}
+    assert look(1.5, 50, inactive=("w1",)) == {"s1": (2, True)}
     # A relayed voter that is behind changes nothing: the secretary counts who answers.
-    assert look(1.9, 60, e1=(0, False)) == {"s1": (2, True)}
+    assert look(1.9, 60, inactive=("e1",), e1=0) == {"s1": (2, True)}
     # An observer's answer counts for nothing, and the secretary cannot tell it apart.
-    assert hints(core_with({**east, "o1": "observer", "s1": "secretary"})) == {"s1": (2, False)}
+    assert hints_for(core_of(SIX, {**east, "o1": ("observer", "east"),
+                                   "s1": ("secretary", "east")}), 1.0, EAST) == {"s1": (2, False)}
     # Shared among two secretaries, neither count is all the leader needs.
-    assert hints(core_with({**east, "s1": "secretary", "s2": "secretary"})) == {
+    assert hints_for(core_of(SIX, {**east, "s1": ("secretary", "east"),
+                                   "s2": ("secretary", "east")}), 1.0, EAST) == {
         "s1": (1, False), "s2": (2, False)}
+
+
+FIVE = ("L", "D", "R1", "R2", "R3")
+RELAYED = ("R1", "R2", "R3")
 
 
 def test_a_direct_voter_that_answers_later_than_the_relayed_ones_stops_the_settling():
     # L leads; D, in a datacenter of its own, is served directly; R1-R3 through s1. Quorum 3:
     # with D counted on, one relayed acknowledgement is all the leader needs.
     core = five_voter_core()
-    assert relayed_hint(core, 1.0) == (1, True)
+    assert hints_for(core, 1.0, RELAYED) == {"s1": (1, True)}
     # D answers some 50 ms late, every time: never a reply deadline behind, so it is still
     # counted on, but each commit needed a second relayed acknowledgement: nothing settles.
     t = 1.0
     for commit in range(10, 60, 5):
-        look_at(core, t, commit, D=commit - 2)
-        assert relayed_hint(core, t) == (1, False)
+        look_at(core, t, commit, FIVE, D=commit - 2)
+        assert hints_for(core, t, RELAYED) == {"s1": (1, False)}
         t += 0.1
-    look_at(core, t, 60)
-    assert relayed_hint(core, t) == (1, True)
+    look_at(core, t, 60, FIVE)
+    assert hints_for(core, t, RELAYED) == {"s1": (1, True)}
 
 
 def test_the_hints_count_the_voters_the_kernel_has_now():
     core = five_voter_core()
-    assert relayed_hint(core, 1.0) == (1, True)
+    assert hints_for(core, 1.0, RELAYED) == {"s1": (1, True)}
     # D is removed by a configuration change: L, R1-R3 (quorum 3) need two relayed answers.
-    look_at(core, 1.1, 10, voters=("L", "R1", "R2", "R3"))
-    assert relayed_hint(core, 1.1) == (2, True)
+    look_at(core, 1.1, 10, ("L", *RELAYED))
+    assert hints_for(core, 1.1, RELAYED) == {"s1": (2, True)}
 
 
 def five_voter_core() -> LeaderRelay:
-    voters = {v: f"10.0.0.{k}:1" for k, v in enumerate(("L", "D", "R1", "R2", "R3"))}
-    core = LeaderRelay("L", SETTINGS, voters)
-    core.member_changed(DirectoryEntry("D", "voter", "south", "alive", relay=True), 0.0)
-    for node in ("R1", "R2", "R3"):
-        core.member_changed(DirectoryEntry(node, "voter", "east", "alive", relay=True), 0.0)
-    core.member_changed(DirectoryEntry("s1", "secretary", "east", "alive"), 0.0)
+    return core_of(FIVE, {"D": ("voter", "south"), **{r: ("voter", "east") for r in RELAYED},
+                          "s1": ("secretary", "east")})
+
+
+def core_of(voters: tuple[str, ...], members: dict[str, tuple[str, str]]) -> LeaderRelay:
+    """Leader L of ``voters``, once gossip has told it of ``members`` (role, datacenter)."""
+    core = LeaderRelay("L", SETTINGS, {v: f"10.0.0.{k}:1" for k, v in enumerate(voters)})
+    for node, (role, datacenter) in members.items():
+        core.member_changed(DirectoryEntry(node, role, datacenter, "alive",
+                                           relay=role != "secretary"), 0.0)
     core.set_leadership(TERM, True)
     return core
 
 
-def look_at(core: LeaderRelay, now: float, commit: int,
-            voters: tuple[str, ...] = ("L", "D", "R1", "R2", "R3"), **match: int) -> None:
-    """The leader's kernel at ``now``: every voter at ``commit`` unless given."""
+def look_at(core: LeaderRelay, now: float, commit: int, voters: tuple[str, ...],
+            inactive: tuple[str, ...] = (), **match: int) -> None:
+    """The leader looks at its kernel at ``now``: every voter at ``commit`` unless given."""
     core.note_progress({"commit_index": commit, "voters": list(voters), "progress": {
-        v: {"match": match.get(v, commit), "active": True} for v in voters if v != "L"}}, now)
+        v: {"match": match.get(v, commit), "active": v not in inactive}
+        for v in voters if v != "L"}}, now)
 
 
-def relayed_hint(core: LeaderRelay, now: float) -> tuple[int, bool]:
-    [(_, payload)] = core.route([append(t, 10, 1) for t in ("R1", "R2", "R3")], now)
-    batch = wire.decode_batch(through_wire(payload))
-    return batch.report_after, batch.settles
+def hints_for(core: LeaderRelay, now: float, targets: tuple[str, ...]
+              ) -> dict[str, tuple[int, bool]]:
+    """The report hint and settling flag of each BATCH that an entry to ``targets`` makes."""
+    frames = core.route([append(t, 10, 1) for t in targets], now)
+    return {sec: (b.report_after, b.settles) for sec, b in (
+        (sec, wire.decode_batch(through_wire(p))) for sec, p in frames)}
 
 
 def test_commit_notice_waits_for_the_next_batch_and_is_replaced_by_it():
