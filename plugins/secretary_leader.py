@@ -206,9 +206,12 @@ class LeaderRelay:
         term = term or 0
         if term != self.term:
             # A new term: nothing of the old one carries over but what gossip told us, and
-            # how each secretary behaved (benches).
+            # how each secretary behaved (benches). No hint settles anything before the
+            # leader has looked at its followers' progress in this term.
             self.term = term
             self._commits_seen.clear()
+            self._behind = self._voters
+            self._hints.clear()
             self._drop_held()
             self._served.clear()
             self._direct_until.clear()

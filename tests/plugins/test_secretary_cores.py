@@ -366,8 +366,11 @@ EAST = ("e1", "e2", "e3", "e4")
 def test_a_hint_settles_only_when_it_is_all_the_leader_needs():
     # Six voters (quorum 4): L and w1 in west, e1-e4 in east.
     east = {e: ("voter", "east") for e in EAST}
-    core = core_of(SIX, {**east, "s1": ("secretary", "east")})
-    assert hints_for(core, 1.0, EAST) == {"s1": (2, True)}   # L and w1, and two of the four
+    core = core_of(SIX, {**east, "s1": ("secretary", "east")}, looked=False)
+    # Nothing settles before the leader has looked at its followers' progress in the term.
+    assert hints_for(core, 0.5, EAST) == {"s1": (2, False)}
+    look_at(core, 0.5, 1, SIX)
+    assert hints_for(core, 0.5, EAST) == {"s1": (2, True)}   # L and w1, and two of the four
 
     def look(now: float, commit: int, inactive: tuple[str, ...] = (), **match: int) -> dict:
         """The hints after a look at the kernel (the reply deadline is 0.3 s)."""
@@ -427,13 +430,17 @@ def five_voter_core() -> LeaderRelay:
                           "s1": ("secretary", "east")})
 
 
-def core_of(voters: tuple[str, ...], members: dict[str, tuple[str, str]]) -> LeaderRelay:
-    """Leader L of ``voters``, once gossip has told it of ``members`` (role, datacenter)."""
+def core_of(voters: tuple[str, ...], members: dict[str, tuple[str, str]],
+            looked: bool = True) -> LeaderRelay:
+    """Leader L of ``voters``, once gossip has told it of ``members`` (role, datacenter), and
+    (``looked``) once it has seen every voter level at index 1."""
     core = LeaderRelay("L", SETTINGS, {v: f"10.0.0.{k}:1" for k, v in enumerate(voters)})
     for node, (role, datacenter) in members.items():
         core.member_changed(DirectoryEntry(node, role, datacenter, "alive",
                                            relay=role != "secretary"), 0.0)
     core.set_leadership(TERM, True)
+    if looked:
+        look_at(core, 0.0, 1, voters)
     return core
 
 
